@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One idempotent set-up for every README command: a virtual environment in .venv with the project
+# installed (editable). A second run only re-installs when pyproject.toml changed since the last one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${GOLDFINCH_VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
+    "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.goldfinch-setup"
+want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# torch first and pinned: where a local CPU wheel is offered (this workplace), this takes it; the
+# project's own range then keeps it instead of pulling a multi-GB CUDA build.
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+    pip install "torch==${GOLDFINCH_TORCH_VERSION:-2.13.0}"
+fi
+pip install -e ".[test]"
+echo "$want" > "$stamp"
