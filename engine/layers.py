@@ -1,0 +1,141 @@
+"""The GoldFinch blocks' arithmetic on packed tokens, as in the reference code.
+
+Activations are packed: [N, C] rows of several sequences. Token shift is done by the caller, which
+passes each row's previous row (`prev`): the carried state for a sequence's first new token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import TMIX_FINCH, ModelConfig
+
+RMS_EPS = 1e-8
+
+
+def rms_norm(x: Tensor, eps: float = RMS_EPS) -> Tensor:
+    """The reference's weightless RMS norm: eps is added to the RMS, not under the root."""
+    return x / ((x.size(-1) ** -0.5) * x.norm(2, dim=-1, keepdim=True) + eps)
+
+
+class LayerWeights:
+    """One block's tensors by their short names (`att.key.weight`), with [1, 1, C] mixing vectors
+    flattened to [C] once."""
+
+    def __init__(self, weights: dict[str, Tensor], prefix: str) -> None:
+        self._w = {k[len(prefix):]: (v.reshape(-1) if k.split(".")[-1].startswith("time_maa_")
+                                     and v.dim() == 3 and v.shape[0] == 1 else v)
+                   for k, v in weights.items() if k.startswith(prefix)}
+        for name in ("att.time_decay",):
+            if name in self._w:
+                self._w[name] = self._w[name].reshape(-1)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._w[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._w
+
+
+def layer_norm(x: Tensor, w: LayerWeights, name: str) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), w[f"{name}.weight"], w[f"{name}.bias"])
+
+
+def linear(x: Tensor, w: LayerWeights, name: str) -> Tensor:
+    return F.linear(x, w[f"{name}.weight"])
+
+
+def finch_tmix_projections(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig):
+    """Everything of a Finch time mix before the WKV recurrence.
+
+    Returns r, k, v, log-decay w (float32, `-exp(w_raw)`), u, and the extra of each variant:
+    the gate (x060) or v2 (x060c2), all [N, dim_att]."""
+    dx = prev - x
+    xxx = x + dx * w["att.time_maa_x"]
+    n_mix = w["att.time_maa_w2"].shape[0]
+    mix = torch.tanh(xxx @ w["att.time_maa_w1"]).view(x.shape[0], n_mix, -1).transpose(0, 1)
+    mix = torch.bmm(mix, w["att.time_maa_w2"])  # [n_mix, N, C]
+    names = ("w", "k", "v", "r", "g") if cfg.tmix == TMIX_FINCH else ("r", "k", "v", "w", "v2")
+    xs = {n: x + dx * (w[f"att.time_maa_{n}"] + m) for n, m in zip(names, mix.unbind(0))}
+    r = linear(xs["r"], w, "att.receptance")
+    k = linear(xs["k"], w, "att.key")
+    v = linear(xs["v"], w, "att.value")
+    w_raw = (w["att.time_decay"] + torch.tanh(xs["w"] @ w["att.time_decay_w1"]) @ w["att.time_decay_w2"]).to(r.dtype)
+    log_decay = -w_raw.float().exp()
+    if cfg.tmix == TMIX_FINCH:
+        return r, k, v, log_decay, w["att.time_faaaa"], F.silu(linear(xs["g"], w, "att.gate"))
+    if cfg.use_one_minus_w:
+        k = (k * (1 - log_decay.exp())).to(r.dtype)
+    extra = None
+    if cfg.use_v2:
+        xv2 = xs["v2"]
+        extra = (linear(xv2, w, "att.value")
+                 + torch.tanh(xv2 @ w["att.time_value2_w1"]) @ w["att.time_value2_w2"]).to(r.dtype)
+    u = torch.zeros_like(w["att.time_faaaa"]) if cfg.use_v2 else w["att.time_faaaa"]
+    return r, k, v, log_decay, u, extra
+
+
+def finch_tmix_output(y: Tensor, extra: Tensor | None, w: LayerWeights, cfg: ModelConfig) -> Tensor:
+    """Everything of a Finch time mix after the recurrence; y: [N, dim_att]. Norms in float32 as
+    the reference does at inference."""
+    dtype = y.dtype
+    ln_w, ln_b = w["att.ln_x.weight"].float(), w["att.ln_x.bias"].float()
+    if cfg.tmix == TMIX_FINCH:
+        y = F.group_norm(y.float(), cfg.n_head, ln_w, ln_b, eps=1e-5 * cfg.head_size_divisor ** 2)
+        return linear(y.to(dtype) * extra, w, "att.output")
+    if extra is not None:
+        y = y + extra
+    y = F.layer_norm(y.float(), (y.shape[-1],), ln_w, ln_b)
+    return linear(y.to(dtype), w, "att.output")
+
+
+def channel_mix(x: Tensor, prev: Tensor, w: LayerWeights) -> Tensor:
+    dx = prev - x
+    xk = x + dx * w["ffn.time_maa_k"]
+    xr = x + dx * w["ffn.time_maa_r"]
+    kv = linear(torch.relu(linear(xk, w, "ffn.key")) ** 2, w, "ffn.value")
+    return torch.sigmoid(linear(xr, w, "ffn.receptance")) * kv
+
+
+def gold_query(x: Tensor, prev: Tensor, w: LayerWeights) -> Tensor:
+    """The GOLD layer's query rows (before heads and rotary), layer-normed."""
+    dx = prev - x
+    xxx = x + dx * w["att.time_maa_x"]
+    mq = torch.tanh(xxx @ w["att.time_maa_q_w1"]) @ w["att.time_maa_q_w2"]
+    return layer_norm(linear(x + dx * (w["att.time_maa_q"] + mq), w, "att.query"), w, "att.ln_q")
+
+
+def shift_one(x: Tensor) -> Tensor:
+    """x[t-1] for every t of one sequence's full history, zero before its first token."""
+    return torch.cat([torch.zeros_like(x[:1]), x[:-1]])
+
+
+def gold_keys_values(proto_keys: Tensor, token_values: Tensor, w: LayerWeights) -> tuple[Tensor, Tensor]:
+    """One GOLD layer's keys and values for every token of one sequence's history.
+
+    proto_keys: [L, C], the decompressed keys `rms_norm(w_kv_cache_b(cat(ln0(emb), compressed)))`;
+    token_values: [L, C], `rms_norm(ln0(emb(token)))`. Each token's key and value depend only on it
+    and on the token before it (a zero vector before the first)."""
+    xo, k = token_values, proto_keys
+    dxo = shift_one(xo) - xo
+    xxx = xo + dxo * w["att.time_maa_v_cache"]
+    n_mix = w["att.time_maa_kv_w2"].shape[0]
+    mix = torch.tanh(xxx @ w["att.time_maa_kv_w1"]).view(xo.shape[0], n_mix, -1).transpose(0, 1)
+    mk, mv = torch.bmm(mix, w["att.time_maa_kv_w2"]).unbind(0)
+    k = k + (shift_one(k) - k) * (w["att.time_maa_k"] + mk)
+    v = xo + dxo * (w["att.time_maa_v"] + mv)
+    k = k + torch.tanh(k @ w["att.time_key_w1"]) @ w["att.time_key_w2"]
+    v = v + torch.tanh(v @ w["att.time_value_w1"]) @ w["att.time_value_w2"]
+    return layer_norm(k, w, "att.ln_k"), layer_norm(v, w, "att.ln_v")
+
+
+def rotary(x: Tensor, positions: Tensor, theta: float, rescale: float) -> Tensor:
+    """Rotates [L, H, D] rows at absolute `positions` [L] as the reference does (adjacent channel
+    pairs as complex numbers, frequencies theta^-(2i/D) / rescale); only relative positions matter."""
+    D = x.shape[-1]
+    velocity = theta ** -(torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D) / rescale
+    angles = torch.outer(positions.double(), velocity)
+    rot = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # [L, 1, D/2]
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * rot
+    return torch.view_as_real(xc).flatten(-2).to(x.dtype)

@@ -1,0 +1,256 @@
+"""The GoldFinch model: one step over a packed batch of sequences, each catching up some new tokens.
+
+Prefill and decode are the same call: sequence i brings `query_lens[i]` new tokens on top of the
+`context_lens[i]` it has already computed (a whole prompt, a chunk of one, or one decode token).
+
+- Finch layers see every new token (their cost is linear in the tokens).
+- After the last Finch layer each new token's compressed key is written to the key cache.
+- GOLD layers only compute the positions that the last logit and the carried token-shift states
+  depend on (`ModelConfig.gold_tail_len` at the first GOLD layer, two fewer at each next one), each
+  query attending over the whole history (end-aligned causal): prefill is linear in its length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.wkv6_reference import wkv6_chunked, wkv6_step
+
+from . import layers as L
+from .config import ModelConfig
+from .loader import Checkpoint
+from .state import ContiguousKeyCache, KeyCacheView, RNNStatePool
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What the runner hands the model for one step. Tensors live on the model's device."""
+
+    token_ids: Tensor  # [N] long: the new tokens of all sequences, packed in batch order
+    query_lens: tuple[int, ...]  # new tokens per sequence (>= 1)
+    context_lens: tuple[int, ...]  # tokens each sequence had computed before this step
+    state_slots: Tensor  # [B] long: each sequence's RNN state slot
+    all_logits: bool = False  # logits at every new position (conformance, echo) instead of the last
+
+    def __post_init__(self) -> None:
+        if len(self.query_lens) != len(self.context_lens) or len(self.query_lens) != self.state_slots.shape[0]:
+            raise ValueError("query_lens, context_lens and state_slots must have one entry per sequence")
+        if min(self.query_lens, default=1) < 1 or sum(self.query_lens) != self.token_ids.shape[0]:
+            raise ValueError(f"query_lens {self.query_lens} must be >= 1 and sum to the {self.token_ids.shape[0]} tokens")
+
+
+@dataclass
+class GoldWorkCounter:
+    """Rows the GOLD layers computed (queries) and keys they attended over, for cost tests."""
+
+    query_rows: int = 0
+    key_rows: int = 0
+
+
+@dataclass
+class _Windows:
+    """Per sequence, the positions [start, T) of the rows held in a packed tensor."""
+
+    starts: list[int]
+    lens: list[int]  # T per sequence
+
+    def rows(self) -> list[int]:
+        return [t - s for s, t in zip(self.starts, self.lens)]
+
+
+def _select_with_prev(x: Tensor, win: _Windows, new_starts: list[int], carried: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From rows of positions [win.starts[i], T_i), take positions [new_starts[i], T_i) and the row
+    before each (the carried state before position 0). Returns (cur, prev, last row of each seq)."""
+    cur_idx, prev_idx, last_idx = [], [], []
+    base, M = 0, x.shape[0]
+    for i, (s, t, ns) in enumerate(zip(win.starts, win.lens, new_starts)):
+        for pos in range(ns, t):
+            cur_idx.append(base + pos - s)
+            prev_idx.append(base + pos - 1 - s if pos - 1 >= s else M + i)
+            assert pos - 1 >= s or pos == 0, "window too short for its token shift"
+        last_idx.append(base + t - 1 - s)
+        base += t - s
+    ext = torch.cat([x, carried])
+    dev = x.device
+    return (ext[torch.tensor(cur_idx, device=dev)], ext[torch.tensor(prev_idx, device=dev)],
+            x[torch.tensor(last_idx, device=dev)])
+
+
+class GoldFinchModel:
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.config: ModelConfig = checkpoint.config
+        w = checkpoint.weights
+        self.dtype = w["emb.weight"].dtype
+        self.device = w["emb.weight"].device
+        self.blocks = [L.LayerWeights(w, f"blocks.{i}.") for i in range(self.config.n_layer)]
+        self.emb, self.head = w["emb.weight"], w["head.weight"]
+        self.ln0 = (w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"])
+        self.ln_out = (w["ln_out.weight"], w["ln_out.bias"])
+        self.w_compress, self.w_decompress = w["w_kv_cache_a.weight"], w["w_kv_cache_b.weight"]
+        self.gold_work = GoldWorkCounter()
+
+    # ---- embeddings and key derivation -------------------------------------------------------
+    def embed(self, token_ids: Tensor) -> Tensor:
+        x = F.embedding(token_ids.long(), self.emb)
+        return F.layer_norm(x, (x.shape[-1],), *self.ln0)
+
+    def decompress(self, compressed: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(proto-keys, token values) of a history: `rms_norm(W_b cat(ln0(emb), c))` and
+        `rms_norm(ln0(emb))`, both [L, C]."""
+        x_original = self.embed(token_ids)
+        proto = L.rms_norm(F.linear(torch.cat([x_original, compressed.to(self.dtype)], -1), self.w_decompress))
+        return proto, L.rms_norm(x_original)
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, batch: StepBatch, rnn: RNNStatePool, keys: KeyCacheView) -> Tensor:
+        """Runs the batch, updates the RNN states in their slots and appends the compressed keys.
+        Returns logits [B, V] (each sequence's last new position) or [N, V] with `all_logits`."""
+        cfg = self.config
+        x = self.embed(batch.token_ids)
+        win = _Windows(starts=[0] * len(batch.query_lens), lens=list(batch.query_lens))
+        for layer in range(cfg.n_finch):
+            x = self._finch_block(layer, x, win, batch, rnn)
+        keys.write(F.linear(x, self.w_compress), batch.token_ids)
+        x, win = self._gold_input_window(x, win, batch.all_logits)
+        histories = [self.decompress(*keys.read(i)) for i in range(len(batch.query_lens))]
+        for j, layer in enumerate(range(cfg.gold_start, cfg.n_layer)):
+            x, win = self._gold_block(layer, j, x, win, batch, rnn, histories)
+        x = F.layer_norm(x, (x.shape[-1],), *self.ln_out)
+        return F.linear(x, self.head)
+
+    def _finch_block(self, layer: int, x: Tensor, win: _Windows, batch: StepBatch, rnn: RNNStatePool) -> Tensor:
+        cfg, w, slots = self.config, self.blocks[layer], batch.state_slots
+        xa = L.layer_norm(x, w, "ln1")
+        cur, prev, last = _select_with_prev(xa, win, win.starts, rnn.tmix_shift[layer, slots])
+        rnn.tmix_shift[layer, slots] = last
+        r, k, v, log_decay, u, extra = L.finch_tmix_projections(cur, prev, w, cfg)
+        y = self._wkv(layer, r, k, v, log_decay, u, batch, rnn)
+        x = x + L.finch_tmix_output(y, extra, w, cfg)
+        xf = L.layer_norm(x, w, "ln2")
+        cur, prev, last = _select_with_prev(xf, win, win.starts, rnn.cmix_shift[layer, slots])
+        rnn.cmix_shift[layer, slots] = last
+        return x + L.channel_mix(cur, prev, w)
+
+    def _wkv(self, layer: int, r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, u: Tensor,
+             batch: StepBatch, rnn: RNNStatePool) -> Tensor:
+        """The recurrence per sequence: decodes (one token) together, prompts in chunked form."""
+        H, N = self.config.n_head, self.config.head_size
+        heads = lambda t: t.view(t.shape[0], H, N)  # noqa: E731
+        pool = rnn.wkv[layer]
+        y = torch.empty_like(r)
+        offsets = [0]
+        for n in batch.query_lens:
+            offsets.append(offsets[-1] + n)
+        decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
+        if decode:
+            rows = torch.tensor([offsets[i] for i in decode], device=r.device)
+            out = wkv6_step(heads(r[rows]), heads(k[rows]), heads(v[rows]), heads(log_decay[rows]), u,
+                            pool, batch.state_slots[rows.new_tensor(decode)])
+            y[rows] = out.reshape(len(decode), -1)
+        for i, n in enumerate(batch.query_lens):
+            if n == 1:
+                continue
+            sl, slot = slice(offsets[i], offsets[i + 1]), batch.state_slots[i]
+            out, state = wkv6_chunked(heads(r[sl])[None], heads(k[sl])[None], heads(v[sl])[None],
+                                      heads(log_decay[sl])[None], u, pool[slot][None])
+            pool[slot] = state[0]
+            y[sl] = out[0].reshape(n, -1)
+        return y
+
+    # ---- GOLD layers over the tail ------------------------------------------------------------
+    def _window_start(self, j: int, T: int, all_logits: bool) -> int:
+        """First position GOLD layer j (0-based among GOLD layers) outputs."""
+        return 0 if all_logits else max(0, T - 1 - 2 * (self.config.n_gold - 1 - j))
+
+    def _gold_input_window(self, x: Tensor, win: _Windows, all_logits: bool) -> tuple[Tensor, _Windows]:
+        starts = [max(0, self._window_start(0, T, all_logits) - 2) for T in win.lens]
+        rows, base = [], 0
+        for s, T in zip(starts, win.lens):
+            rows.extend(range(base + s, base + T))
+            base += T
+        return x[torch.tensor(rows, device=x.device)], _Windows(starts, list(win.lens))
+
+    def _gold_block(self, layer: int, j: int, x: Tensor, win: _Windows, batch: StepBatch,
+                    rnn: RNNStatePool, histories: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, _Windows]:
+        w, slots = self.blocks[layer], batch.state_slots
+        out_starts = [self._window_start(j, T, batch.all_logits) for T in win.lens]
+        q_starts = [max(0, s - 1) if not batch.all_logits else 0 for s in out_starts]
+        xa = L.layer_norm(x, w, "ln1")
+        cur, prev, last = _select_with_prev(xa, win, q_starts, rnn.tmix_shift[layer, slots])
+        rnn.tmix_shift[layer, slots] = last
+        q_win = _Windows(q_starts, win.lens)
+        x_mid, _, _ = _select_with_prev(x, win, q_starts, torch.zeros_like(x[: len(win.lens)]))
+        x_mid = x_mid + self._gold_attention(w, L.gold_query(cur, prev, w), q_win, batch, histories)
+        xb = L.layer_norm(x_mid, w, "ln2")
+        cur, prev, last = _select_with_prev(xb, q_win, out_starts, rnn.cmix_shift[layer, slots])
+        rnn.cmix_shift[layer, slots] = last
+        x_out, _, _ = _select_with_prev(x_mid, q_win, out_starts, torch.zeros_like(x[: len(win.lens)]))
+        return x_out + L.channel_mix(cur, prev, w), _Windows(out_starts, win.lens)
+
+    def _gold_attention(self, w: L.LayerWeights, q: Tensor, q_win: _Windows, batch: StepBatch,
+                        histories: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Each query row attends over its sequence's whole history, end-aligned causal."""
+        cfg = self.config
+        H, D = cfg.n_head, cfg.head_size
+        outs, base = [], 0
+        for i, (s, T) in enumerate(zip(q_win.starts, q_win.lens)):
+            n_q, ctx = T - s, batch.context_lens[i]
+            keys, values = L.gold_keys_values(*histories[i], w)
+            n_k = keys.shape[0]
+            qi = q[base: base + n_q].view(n_q, H, D)
+            ki, vi = keys.view(n_k, H, D), values.view(n_k, H, D)
+            q_pos = torch.arange(ctx + s, ctx + T, device=q.device)
+            if cfg.rope is not None:
+                qi = L.rotary(qi, q_pos, cfg.rope.theta, cfg.rope.rescale)
+                ki = L.rotary(ki, torch.arange(n_k, device=q.device), cfg.rope.theta, cfg.rope.rescale)
+            visible = torch.arange(n_k, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
+                                               attn_mask=visible)
+            outs.append(o.transpose(0, 1).reshape(n_q, H * D))
+            self.gold_work.query_rows += n_q
+            self.gold_work.key_rows += n_q * n_k
+            base += n_q
+        out = L.layer_norm(torch.cat(outs), w, "att.ln_x")
+        return L.linear(out, w, "att.output")
+
+    # ---- plain, unpaged convenience path ------------------------------------------------------
+    def new_state(self, batch_size: int) -> "InferenceState":
+        return InferenceState(
+            rnn=RNNStatePool.allocate(self.config, batch_size, self.dtype, self.device),
+            keys=ContiguousKeyCache(self.config, batch_size, self.dtype, self.device),
+        )
+
+    def forward(self, tokens: Tensor, state: "InferenceState | None" = None,
+                all_logits: bool = False) -> tuple[Tensor, "InferenceState"]:
+        """tokens [B, T]; continues `state` (a fresh one if None). Returns logits [B, V], or
+        [B, T, V] with `all_logits`, and the state."""
+        B, T = tokens.shape
+        state = state or self.new_state(B)
+        context = tuple(state.keys.length(i) for i in range(B))
+        state.keys.set_step_lens([T] * B)
+        batch = StepBatch(token_ids=tokens.reshape(-1).to(self.device), query_lens=(T,) * B,
+                          context_lens=context, state_slots=torch.arange(B, device=self.device),
+                          all_logits=all_logits)
+        logits = self.step(batch, state.rnn, state.keys)
+        return (logits.view(B, T, -1) if all_logits else logits), state
+
+
+@dataclass
+class InferenceState:
+    """The persistent inference state of a batch of sequences on the plain path."""
+
+    rnn: RNNStatePool
+    keys: ContiguousKeyCache
+    extra: dict = field(default_factory=dict)
+
+    def cached_tokens(self, i: int) -> int:
+        return self.keys.length(i)
+
+    def persistent_bytes_per_token(self) -> int:
+        """Bytes each cached token adds, read off the cache tensors themselves."""
+        c, ids = self.keys.read(0)
+        return c.shape[-1] * c.element_size() + ids.element_size()
