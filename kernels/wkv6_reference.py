@@ -69,10 +69,13 @@ def wkv6_chunked(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: T
 def _chunk(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     """One chunk of L tokens, all float32, [B, L, H, K] inputs."""
     L = r.shape[1]
-    A = torch.cumsum(w, dim=1)  # log decay accumulated through token t, inclusive
-    A_before = A - w  # ... through t - 1 (exclusive)
+    # log decay accumulated through token t (inclusive) and t - 1 (exclusive); float64 because the
+    # pairwise differences of large accumulated decays would lose their low bits in float32
+    A64 = torch.cumsum(w.double(), dim=1)
+    A_before64 = A64 - w.double()
+    A, A_before = A64.float(), A_before64.float()
     # pairwise decay from token s (after its own write) to the read at token t: exp(A_{t-1} - A_s)
-    diff = A_before[:, :, None] - A[:, None, :]  # [B, Lt, Ls, H, K]
+    diff = (A_before64[:, :, None] - A64[:, None, :]).float()  # [B, Lt, Ls, H, K]
     strictly_lower = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
     decay_ts = torch.where(strictly_lower[None, :, :, None, None], diff, float("-inf")).exp()
     scores = torch.einsum("bthk,btshk,bshk->bhts", r, decay_ts, k)
@@ -80,7 +83,7 @@ def _chunk(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, S: Tensor) -> 
     y = y + torch.einsum("bthk,hk,bthk->bth", r, u, k)[..., None] * v  # the bonus on the current token
     y = y + torch.einsum("bthk,bhkv->bthv", r * A_before.exp(), S)  # what the carried state holds
     A_end = A[:, -1]  # [B, H, K]
-    k_to_end = k * (A_end[:, None] - A).exp()
+    k_to_end = k * (A64[:, -1:] - A64).float().exp()
     S = A_end.exp()[..., None] * S + torch.einsum("bshk,bshv->bhkv", k_to_end, v)
     return y, S
 

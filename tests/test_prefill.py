@@ -1,0 +1,87 @@
+"""Linear prefill: only the tail positions go through the GOLD layers, chunking changes nothing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import load_model
+
+
+def _tokens(model, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (1, n), generator=g)
+
+
+def test_linear_prefill_last_logits_equal_full_forward(case):
+    model = load_model(case)
+    tokens = _tokens(model, 70)
+    tail, _ = model.forward(tokens)
+    full, _ = model.forward(tokens, all_logits=True)
+    assert torch.allclose(tail[0], full[0, -1], atol=1e-5)
+
+
+def test_linear_prefill_state_equals_full_forward_state(case):
+    """The carried state after a tail-only prefill continues exactly like the full pass's."""
+    model = load_model(case)
+    tokens = _tokens(model, 40, seed=1)
+    _, tail_state = model.forward(tokens[:, :-1])
+    _, full_state = model.forward(tokens[:, :-1], all_logits=True)
+    a, _ = model.forward(tokens[:, -1:], tail_state)
+    b, _ = model.forward(tokens[:, -1:], full_state)
+    assert torch.allclose(a, b, atol=1e-5)
+    for name in ("wkv", "tmix_shift", "cmix_shift"):
+        assert torch.allclose(getattr(tail_state.rnn, name), getattr(full_state.rnn, name), atol=1e-5), name
+
+
+def test_gold_work_grows_linearly(case):
+    """GOLD query rows stay constant in T and attended keys grow linearly (not quadratically)."""
+    model = load_model(case)
+    counts = {}
+    for T in (64, 128, 256):
+        model.gold_work.query_rows = model.gold_work.key_rows = 0
+        model.forward(_tokens(model, T))
+        counts[T] = (model.gold_work.query_rows, model.gold_work.key_rows)
+    n_gold = model.config.n_gold
+    # layer j computes 2 * (n_gold - 1 - j) + 2 query rows (one extra for the next layer's shift)
+    expected_rows = sum(2 * (n_gold - 1 - j) + 2 for j in range(n_gold))
+    assert counts[64][0] == counts[128][0] == counts[256][0] == expected_rows
+    assert counts[64][1] == expected_rows * 64 and counts[256][1] == expected_rows * 256
+    # a full forward computes every position at every GOLD layer: quadratic attention
+    model.gold_work.query_rows = model.gold_work.key_rows = 0
+    model.forward(_tokens(model, 64), all_logits=True)
+    assert model.gold_work.query_rows == 64 * n_gold
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_prefill_equals_one_pass(case, chunk):
+    model = load_model(case)
+    tokens = _tokens(model, 100, seed=2)
+    one_pass, one_state = model.forward(tokens)
+    state, logits = None, None
+    for start in range(0, tokens.shape[1], chunk):
+        logits, state = model.forward(tokens[:, start:start + chunk], state)
+    assert torch.allclose(logits, one_pass, atol=1e-5), f"chunk {chunk}: {(logits - one_pass).abs().max()}"
+    for name in ("wkv", "tmix_shift", "cmix_shift"):
+        assert torch.allclose(getattr(state.rnn, name), getattr(one_state.rnn, name), atol=1e-4), name
+    assert torch.equal(state.keys.read(0)[1], one_state.keys.read(0)[1])
+    assert torch.allclose(state.keys.read(0)[0], one_state.keys.read(0)[0], atol=1e-5)
+
+
+def test_chunk_over_cache_is_end_aligned_causal(case):
+    """Every logit of a multi-token chunk over an existing cache equals the full pass's logit at
+    that position (the reference's chunked path gets this wrong)."""
+    model = load_model(case)
+    tokens = _tokens(model, 30, seed=3)
+    full, _ = model.forward(tokens, all_logits=True)
+    _, state = model.forward(tokens[:, :20])
+    chunk, _ = model.forward(tokens[:, 20:], state, all_logits=True)
+    assert torch.allclose(chunk[0], full[0, 20:], atol=1e-5)
+
+
+def test_persistent_state_is_compressed(case):
+    model = load_model(case)
+    _, state = model.forward(_tokens(model, 33))
+    cfg = model.config
+    compressed, ids = state.keys.read(0)
+    assert compressed.shape == (33, cfg.n_embd // 16) and ids.shape == (33,)
+    assert state.persistent_bytes_per_token() == cfg.n_embd // 16 * 4 + 4  # float32 + int32 id
