@@ -57,6 +57,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     state_slot: int | None = None
     host_copy: HostCopy | None = None
+    session_claim: Any = None  # a Session whose state this sequence resumes when admitted
+    sample_index: int = 0  # which of the request's n samples this is
     num_preemptions: int = 0
     first_token_time: float | None = None
     scheduled_time: float | None = None

@@ -1,0 +1,284 @@
+"""The in-process engine: requests in, tokens out, many sequences per model step.
+
+`LLMEngine` is synchronous and single-threaded: `add_request`, `abort`, `step`, and `generate` for
+scripts. `engine.async_engine.AsyncEngine` runs its step loop in one thread for the server.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from typing import Iterable
+
+import torch
+
+from .cache_manager import CacheManager
+from .config_engine import EngineConfig, cache_config_for
+from .model import GoldFinchModel
+from .model_runner import ModelRunner
+from .outputs import CompletionDelta, RequestOutput, RequestUpdate, TokenLogprob
+from .request import Request
+from .sampler import Sampler, make_sampling_batch
+from .sampling_params import SamplingParams, resolve_seed
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import FinishReason, Sequence, SequenceStatus
+from .session_file import RNN_KEYS, load_session, save_session
+from .sessions import Session, SessionError, SessionStore
+from .stats import EngineStats
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("goldfinch.engine")
+
+
+class LLMEngine:
+    def __init__(self, model: GoldFinchModel, tokenizer: Tokenizer | None = None,
+                 config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.cache = CacheManager(model.config, cache_config_for(self.config, model), model.dtype, model.device)
+        self.sessions = SessionStore(self.cache, self.config.session_host_bytes, self.config.max_sessions)
+        self.scheduler = Scheduler(self.config.scheduler_config(), self.cache, make_room=self.sessions.make_room)
+        self.runner = ModelRunner(model, self.cache)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer else None
+        self.model_fingerprint = _fingerprint(model)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, session_id: str | None = None,
+                    owner: str | None = None) -> str:
+        """Validates and queues a request; raises ValueError (message starts with the field) for
+        anything that could never run."""
+        params = params or SamplingParams()
+        prompt_ids = self._prompt_ids(prompt)
+        params.validate_for_vocab(self.model.config.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        session, cached = None, 0
+        if session_id is not None:
+            if params.n != 1:
+                raise ValueError("n: a request on a session must have n = 1")
+            session = self.sessions.open(session_id, owner)
+            cached = self.sessions.claim(session, prompt_ids)
+        seq = Sequence(request_id=request_id, prompt_token_ids=prompt_ids, params=params,
+                       seed=resolve_seed(params, 0), session_id=session_id,
+                       num_computed_tokens=cached, num_cached_prompt_tokens=cached,
+                       session_claim=session if cached else None)
+        self.requests[request_id] = Request.create(request_id, prompt_ids, params, seq, self.tokenizer,
+                                                   self.eos_token_id, session)
+        self.scheduler.add(seq)
+        self.stats.requests_received += 1
+        return request_id
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text prompts need a tokenizer; pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("prompt: must contain at least one token")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def abort(self, request_id: str) -> RequestUpdate | None:
+        """Cancels a request; its blocks and slot are freed at once. None if it is unknown."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        deltas = request.finish_all(FinishReason.ABORT)
+        self._release(request)
+        self.stats.record_finish(request)
+        return RequestUpdate(request_id, tuple(deltas), request.output)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestUpdate]:
+        started = time.perf_counter()
+        sched = self.scheduler.schedule()
+        self.stats.preemptions += len(sched.preempted)
+        if not sched.scheduled:
+            return []
+        try:
+            logits = self.runner.execute(sched)
+        except Exception as exc:  # a failed step fails only its own requests
+            log.exception("model step failed; failing %d requests", len(sched.scheduled))
+            return self._fail_step(sched, f"model step failed: {type(exc).__name__}")
+        self.stats.record_step(sched, time.perf_counter() - started)
+        ready = [(row, s.seq) for row, s in enumerate(sched.scheduled)
+                 if s.seq.num_computed_tokens == s.seq.num_tokens]
+        ready = self._fork_samples(ready)
+        deltas: dict[str, list[CompletionDelta]] = {}
+        if ready:
+            for seq, token, logprob in self._sample(logits, ready):
+                request = self.requests[seq.request_id]
+                deltas.setdefault(seq.request_id, []).append(
+                    request.append_token(seq, token, logprob, self.config.max_model_len))
+                self.stats.generation_tokens += 1
+                if seq.is_finished:
+                    self.scheduler.remove(seq)
+        updates = []
+        for request_id, ds in deltas.items():
+            request = self.requests[request_id]
+            if request.finished:
+                self._release(request)
+                self.stats.record_finish(request)
+            updates.append(RequestUpdate(request_id, tuple(ds), request.output))
+        if self.config.check_integrity:
+            self.check_integrity()
+        return updates
+
+    def _fork_samples(self, ready: list[tuple[int, Sequence]]) -> list[tuple[int, Sequence]]:
+        """After its prompt, sample 0 of an n > 1 request forks the other samples: they share its
+        blocks and copy its RNN state, and sample their first token from the same logits."""
+        out = list(ready)
+        for row, seq in ready:
+            request = self.requests[seq.request_id]
+            if request.params.n == 1 or request.forked:
+                continue
+            request.forked = True
+            for index in range(1, request.params.n):
+                child = Sequence(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+                                 params=seq.params, seed=resolve_seed(seq.params, index), sample_index=index,
+                                 num_computed_tokens=seq.num_computed_tokens, arrival_time=seq.arrival_time)
+                if self.cache.pool.num_free_slots > 0:
+                    self.cache.fork(seq, child)
+                    child.status = SequenceStatus.RUNNING
+                    self.scheduler.running.append(child)
+                else:  # no slot now: the child waits with its own host copy of the state
+                    child.host_copy = self.cache.host_copy_of(seq, seq.num_computed_tokens)
+                    self.scheduler.waiting.appendleft(child)
+                request.seqs.append(child)
+                out.append((row, child))
+        return out
+
+    def _sample(self, logits: torch.Tensor, ready: list[tuple[int, Sequence]]):
+        rows = torch.tensor([row for row, _ in ready], device=logits.device)
+        seqs = [seq for _, seq in ready]
+        batch = make_sampling_batch(
+            [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs],
+            [len(s.output_token_ids) for s in seqs], self.model.config.vocab_size, logits.device,
+            seeds=[s.seed for s in seqs], eos_token_id=self.eos_token_id)
+        result = self.sampler(logits.index_select(0, rows), batch)
+        tokens = result.token_ids.tolist()
+        chosen = result.logprobs.tolist()
+        top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
+        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        for i, seq in enumerate(seqs):
+            logprob = None
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if top_ids is not None and k else ()
+                logprob = TokenLogprob(tokens[i], chosen[i], top)
+            yield seq, tokens[i], logprob
+
+    def _fail_step(self, sched: SchedulerOutput, message: str) -> list[RequestUpdate]:
+        updates = []
+        for request_id in dict.fromkeys(s.seq.request_id for s in sched.scheduled):
+            request = self.requests[request_id]
+            deltas = request.finish_all(FinishReason.ERROR, error=message)
+            # the step may have half-updated their state: free it, never keep it in a session
+            for seq in request.seqs:
+                self.scheduler.remove(seq)
+                self.cache.free(seq)
+                seq.host_copy = None
+            if request.session is not None:
+                self.sessions.release(request.session, None)
+            self._release(request)
+            self.stats.record_finish(request)
+            updates.append(RequestUpdate(request_id, tuple(deltas), request.output))
+        return updates
+
+    def _release(self, request: Request) -> None:
+        """Frees (or hands to the session) every sample's cache; forgets the request."""
+        for seq in request.seqs:
+            self.scheduler.remove(seq)
+            claim, seq.session_claim = seq.session_claim, None
+            if request.session is not None and seq.sample_index == 0:
+                if claim is not None:  # never admitted: the session keeps its old state
+                    self.sessions.release(request.session, None)
+                else:
+                    self.sessions.release(request.session, seq)
+            else:
+                self.cache.free(seq)
+                seq.host_copy = None
+        self.requests.pop(request.request_id, None)
+
+    # ---- sessions on disk ----------------------------------------------------------------------
+    def save_session(self, session_id: str, path: str, owner: str | None = None) -> int:
+        """Writes a session's state to a file (see engine.session_file); returns its size."""
+        session = self.sessions.get(session_id, owner)
+        if session.busy:
+            raise SessionError(f"session_id: session {session_id!r} is in use by a running request")
+        n = len(session.token_ids)
+        if session.on_device:
+            copy = self.cache.host_copy_of(session, n)
+        elif session.host_copy is not None:
+            copy = session.host_copy
+        else:
+            raise SessionError(f"session_id: session {session_id!r} holds no state yet")
+        return save_session(path, session, copy, self.model_fingerprint)
+
+    def restore_session(self, path: str, session_id: str | None = None, owner: str | None = None) -> Session:
+        """Reads a session file (validated as a whole) into host memory under `session_id` (the
+        id saved in the file by default); it moves to the device when a request resumes it."""
+        rnn = self.cache.rnn
+        shapes = {k: tuple(getattr(rnn, k)[:, 0].shape) for k in RNN_KEYS}
+        meta, copy = load_session(path, self.model_fingerprint, shapes, self.model.config.compressed_dim)
+        dtype = self.model.dtype
+        copy.compressed_keys = copy.compressed_keys.to(dtype)
+        copy.rnn_state["tmix_shift"] = copy.rnn_state["tmix_shift"].to(dtype)
+        copy.rnn_state["cmix_shift"] = copy.rnn_state["cmix_shift"].to(dtype)
+        sid = session_id or meta.get("session_id") or None
+        if sid in self.sessions:
+            self.sessions.get(sid, owner)  # another key's session cannot be overwritten
+        session = Session(session_id=sid or self.sessions.open(owner=owner).session_id, owner=owner,
+                          token_ids=meta["token_ids"], host_copy=copy)
+        self.sessions.adopt(session)
+        return session
+
+    # ---- conveniences --------------------------------------------------------------------------
+    def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 session_ids: list[str | None] | None = None) -> list[RequestOutput]:
+        """Runs prompts to completion (in one continuous batch); outputs in the order given."""
+        prompts = list(prompts)
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        session_ids = session_ids or [None] * len(prompts)
+        ids = [self.add_request(p, sp, session_id=sid) for p, sp, sid in zip(prompts, params_list, session_ids)]
+        outputs: dict[str, RequestOutput] = {}
+        while any(i not in outputs for i in ids):
+            for update in self.step():
+                if update.finished:
+                    outputs[update.request_id] = update.output
+        return [outputs[i] for i in ids]
+
+    def owners(self) -> list:
+        """Every holder of device cache: running and waiting sequences, sessions."""
+        seqs = [s for r in self.requests.values() for s in r.seqs if not s.is_finished]
+        return seqs + self.sessions.device_owners()
+
+    def check_integrity(self) -> None:
+        self.cache.check_integrity(self.owners())
+
+
+def _fingerprint(model: GoldFinchModel) -> str:
+    """Identifies the weights a session's state belongs to (config and a sample of the weights)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for t in (model.emb, model.head, model.w_compress):
+        h.update(t.flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]

@@ -1,0 +1,300 @@
+"""Batched token sampler that runs on the logits' device (CPU or CUDA).
+
+Pipeline per step, in vLLM's order: (1) logit_bias is added, then EOS and
+stop_token_ids are masked to -inf for rows that have generated fewer than
+min_tokens tokens; (2) repetition penalty over prompt + output tokens
+(positive logits divided, negative multiplied), then frequency (x count) and
+presence penalties over output tokens; (3) greedy rows take the argmax, the
+others are scaled by temperature, truncated by top-k, top-p (on the
+top-k-renormalised distribution, at least one token kept) and min-p, and drawn.
+
+Reported log-probabilities are those of the model's *raw* distribution
+(log_softmax of the logits before bias, penalties, temperature and
+truncation), as vLLM does by default ("raw_logprobs").
+
+Randomness is a counter-based hash of (seed, step, token id) in exact integer
+arithmetic on int64 tensors, so a row's draw depends only on its own seed and
+step: the same alone or at any position of any batch, and on CPU and CUDA (the
+integer hash is bit-identical; only the float tail may differ in the last ulp).
+Tokens are drawn by the exponential race ``argmax(p / E)``, ``E = -log(u) ~
+Exp(1)``, which samples exactly from ``p`` without normalisation or cumsum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.sampling_params import SamplingParams
+
+_M32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+_FMIX_C1 = 0x85EBCA6B  # murmur3 fmix32 multipliers
+_FMIX_C2 = 0xC2B2AE35
+_SALT_LO = 0x9E3779B9  # golden-ratio salts keep all-zero inputs off fmix32's fixed point 0
+_SALT_HI = 0x7F4A7C15
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32).
+
+    A plain 32x32-bit product can reach 2**64 and overflow int64 (undefined
+    behaviour in C++, so CPU and CUDA need not agree).  Splitting ``c`` into
+    16-bit halves keeps every intermediate below 2**49.
+    """
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser (a bijection with full avalanche) on int64 lanes."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _FMIX_C1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, _FMIX_C2)
+    return x ^ (x >> 16)
+
+
+def counter_hash_bits(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
+    """Uniform 32-bit integers ``h[b, v] = hash(seeds[b], steps[b], v)`` as int64 [B, V].
+
+    Two 32-bit row keys are derived from the full 64-bit seed and the step; the
+    per-token hash is a bijection of ``v`` for a fixed key, so no two tokens of
+    a row share a value.  All values stay in [0, 2**32), so shifts are logical.
+    """
+    s_lo = seeds & _M32
+    s_hi = (seeds >> 32) & _M32  # arithmetic shift then mask: the raw high bits
+    t = steps & _M32
+    k1 = _fmix32(_fmix32(_fmix32(s_lo ^ _SALT_LO) ^ s_hi) ^ t)
+    k2 = _fmix32(_fmix32(_fmix32(s_hi ^ _SALT_HI) ^ s_lo) ^ t)
+    v = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    x = _fmix32((v.unsqueeze(0) + k1.unsqueeze(1)) & _M32)
+    return _fmix32(x ^ k2.unsqueeze(1))
+
+
+def exponential_noise(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
+    """Exp(1) noise [B, V] float32: ``u = (h + 0.5) / 2**32`` is exact in float64 and
+    strictly inside (0, 1), so ``-log(u)`` is finite and >= 1.1e-10 (fine in float32)."""
+    bits = counter_hash_bits(seeds, steps, vocab_size)
+    u = (bits.to(torch.float64) + 0.5) * (2.0 ** -32)
+    return torch.log(u).neg_().to(torch.float32)
+
+
+def _to_int64(seed: int) -> int:
+    """Reinterpret any Python int's low 64 bits as a signed int64 tensor value."""
+    seed &= _MASK64
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingBatch:
+    """Per-step, per-row sampling state as device tensors (built by make_sampling_batch).
+
+    Python-side ``need_*`` flags let the sampler skip stages without a device sync.
+    Greedy rows carry temperature 1.0 so the shared path never divides by zero.
+    """
+
+    vocab_size: int
+    temperature: Tensor  # [B] float32
+    top_p: Tensor  # [B] float32
+    top_k: Tensor  # [B] int64, vocab_size when off
+    min_p: Tensor  # [B] float32
+    presence_penalty: Tensor  # [B] float32
+    frequency_penalty: Tensor  # [B] float32
+    repetition_penalty: Tensor  # [B] float32
+    greedy: Tensor  # [B] bool
+    seeds: Tensor  # [B] int64
+    steps: Tensor  # [B] int64
+    bias_index: tuple[Tensor, Tensor] | None  # (rows, token ids) of logit_bias entries
+    bias_values: Tensor | None
+    mask_index: tuple[Tensor, Tensor] | None  # (rows, token ids) masked by min_tokens
+    output_counts: Tensor | None  # [B, V] float32 counts of output tokens
+    prompt_mask: Tensor | None  # [B, V] bool, prompt tokens (repetition penalty only)
+    num_logprobs: tuple[int, ...]  # per-row top-logprob count (0 when off)
+    all_greedy: bool
+    need_top_k: bool
+    need_top_p: bool
+    need_min_p: bool
+    need_penalties: bool
+    need_repetition: bool
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.temperature.shape[0])
+
+    @property
+    def max_num_logprobs(self) -> int:
+        return max(self.num_logprobs, default=0)
+
+
+def _token_counts(token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> Tensor:
+    """[B, V] float32 occurrence counts, vectorised via one padded scatter_add."""
+    # Pad with an extra column id `vocab_size` that is dropped afterwards.
+    rows = [torch.as_tensor(list(t), dtype=torch.int64) for t in token_lists]
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=vocab_size).to(device)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def _check_token(name: str, token_id: int, vocab_size: int) -> None:
+    if not 0 <= token_id < vocab_size:
+        raise ValueError(f"{name}: token id {token_id} out of range for vocabulary size {vocab_size}")
+
+
+def _sparse_entries(params: Sequence[SamplingParams], step_index: Sequence[int], vocab_size: int,
+                    eos_token_id: int | None, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """logit_bias entries as [3, n] (row, id, value) and min_tokens-masked ids as [2, m] (row, id)."""
+    bias: list[tuple[int, int, float]] = []
+    masked: list[tuple[int, int]] = []
+    for row, p in enumerate(params):
+        for token_id, value in p.logit_bias:
+            _check_token("logit_bias", token_id, vocab_size)
+            bias.append((row, token_id, value))
+        if step_index[row] < p.min_tokens:
+            banned = set(p.stop_token_ids)
+            if eos_token_id is not None and not p.ignore_eos:
+                banned.add(eos_token_id)
+            for token_id in sorted(banned):
+                _check_token("stop_token_ids", token_id, vocab_size)
+                masked.append((row, token_id))
+    # float64 holds ids exactly; one host-to-device copy per kind of entry.
+    bias_t = torch.tensor(bias, dtype=torch.float64).T.to(device) if bias else None
+    masked_t = torch.tensor(masked, dtype=torch.int64).T.to(device) if masked else None
+    return bias_t, masked_t
+
+
+def make_sampling_batch(params: Sequence[SamplingParams], output_token_ids: Sequence[Sequence[int]],
+                        prompt_token_ids: Sequence[Sequence[int]], step_index: Sequence[int],
+                        vocab_size: int, device: torch.device | str, *, seeds: Sequence[int],
+                        eos_token_id: int | None = None) -> SamplingBatch:
+    """Gather per-row parameters into device tensors, once per decoding step.
+
+    ``step_index[i]`` is how many tokens row i has generated so far; it keys the
+    random stream and gates min_tokens.  ``seeds[i]`` is the row's resolved seed
+    (see ``resolve_seed``), never ``params[i].seed`` directly, so unseeded rows
+    are still reproducible given their drawn seed.  Token ids must be < vocab_size.
+    """
+    n = len(params)
+    if n == 0 or not n == len(output_token_ids) == len(prompt_token_ids) == len(step_index) == len(seeds):
+        raise ValueError("make_sampling_batch: need >= 1 row and equal-length per-row inputs")
+    device = torch.device(device)
+    greedy = [p.greedy for p in params]
+    sampling = [p for p, g in zip(params, greedy) if not g]
+    scalars = torch.tensor([
+        [1.0 if g else p.temperature for p, g in zip(params, greedy)],
+        [p.top_p for p in params], [p.min_p for p in params],
+        [p.presence_penalty for p in params], [p.frequency_penalty for p in params],
+        [p.repetition_penalty for p in params],
+    ], dtype=torch.float32).reshape(6, n).to(device)
+    ints = torch.tensor([
+        [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params],
+        [_to_int64(s) for s in seeds], list(step_index), [int(g) for g in greedy],
+    ], dtype=torch.int64).reshape(4, n).to(device)
+    bias, masked = _sparse_entries(params, step_index, vocab_size, eos_token_id, device)
+    need_penalties = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+    need_repetition = any(p.repetition_penalty != 1.0 for p in params)
+    counts = (_token_counts(output_token_ids, vocab_size, device)
+              if need_penalties or need_repetition else None)
+    prompt_mask = _token_counts(prompt_token_ids, vocab_size, device) > 0 if need_repetition else None
+    return SamplingBatch(
+        vocab_size=vocab_size, temperature=scalars[0], top_p=scalars[1], min_p=scalars[2],
+        presence_penalty=scalars[3], frequency_penalty=scalars[4], repetition_penalty=scalars[5],
+        top_k=ints[0], seeds=ints[1], steps=ints[2], greedy=ints[3].bool(),
+        bias_index=None if bias is None else (bias[0].long(), bias[1].long()),
+        bias_values=None if bias is None else bias[2].float(),
+        mask_index=None if masked is None else (masked[0], masked[1]),
+        output_counts=counts, prompt_mask=prompt_mask,
+        num_logprobs=tuple(p.logprobs or 0 for p in params),
+        all_greedy=not sampling,
+        need_top_k=any(0 < p.top_k < vocab_size for p in sampling),
+        need_top_p=any(p.top_p < 1.0 for p in sampling),
+        need_min_p=any(p.min_p > 0.0 for p in sampling),
+        need_penalties=need_penalties, need_repetition=need_repetition,
+    )
+
+
+def apply_penalties_and_bias(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Steps 1-2 of the pipeline on float32 logits [B, V]; returns a new tensor."""
+    out = logits.to(torch.float32, copy=True)
+    if batch.bias_index is not None:
+        out.index_put_(batch.bias_index, batch.bias_values, accumulate=True)
+    if batch.mask_index is not None:
+        out.index_put_(batch.mask_index, torch.tensor(float("-inf"), device=out.device))
+    counts = batch.output_counts
+    if batch.need_repetition and counts is not None and batch.prompt_mask is not None:
+        seen = batch.prompt_mask | (counts > 0)
+        rp = batch.repetition_penalty.unsqueeze(1)
+        out = torch.where(seen, torch.where(out > 0, out / rp, out * rp), out)
+    if batch.need_penalties and counts is not None:
+        out = out - batch.frequency_penalty.unsqueeze(1) * counts
+        out = out - batch.presence_penalty.unsqueeze(1) * (counts > 0).to(out.dtype)
+    return out
+
+
+def _apply_top_k_top_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Mask to -inf outside top-k (ties with the k-th kept, as vLLM), then outside the
+    top-p nucleus of what is left: the smallest prefix whose mass reaches top_p.  Rows
+    with top_p == 1 are untouched so cumsum rounding cannot drop tail tokens."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if batch.need_top_k:
+        kth = sorted_logits.gather(1, (batch.top_k - 1).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if batch.need_top_p:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop = (mass_before >= batch.top_p.unsqueeze(1)) & (batch.top_p < 1.0).unsqueeze(1)
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerOutput:
+    """Chosen tokens and raw log-probs; top_* are [B, k_max], best first, when any row
+    asked for logprobs >= 1 (row i uses its first ``batch.num_logprobs[i]`` columns)."""
+
+    token_ids: Tensor  # [B] int64
+    logprobs: Tensor  # [B] float32, raw log-prob of the chosen token
+    top_logprob_ids: Tensor | None = None
+    top_logprobs: Tensor | None = None
+
+
+class Sampler:
+    """Stateless batched sampler: ``Sampler()(logits, batch) -> SamplerOutput``."""
+
+    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if logits.dim() != 2 or tuple(logits.shape) != (batch.batch_size, batch.vocab_size):
+            raise ValueError(f"logits: expected shape ({batch.batch_size}, {batch.vocab_size}), "
+                             f"got {tuple(logits.shape)}")
+        raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+        processed = apply_penalties_and_bias(logits, batch)
+        token_ids = self.choose(processed, batch)
+        chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        k = min(batch.max_num_logprobs, batch.vocab_size)
+        if k == 0:
+            return SamplerOutput(token_ids=token_ids, logprobs=chosen)
+        top_values, top_ids = raw_logprobs.topk(k, dim=-1, sorted=True)
+        return SamplerOutput(token_ids=token_ids, logprobs=chosen,
+                             top_logprob_ids=top_ids, top_logprobs=top_values)
+
+    @staticmethod
+    def choose(processed: Tensor, batch: SamplingBatch) -> Tensor:
+        """Step 3: argmax for greedy rows, truncated seeded sampling for the rest."""
+        greedy_ids = processed.argmax(dim=-1)
+        if batch.all_greedy:
+            return greedy_ids
+        scaled = processed / batch.temperature.unsqueeze(1)
+        if batch.need_top_k or batch.need_top_p:
+            scaled = _apply_top_k_top_p(scaled, batch)
+        probs = scaled.softmax(dim=-1)
+        if batch.need_min_p:
+            # min_p is relative to the top probability, so renormalisation is unneeded.
+            threshold = batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        noise = exponential_noise(batch.seeds, batch.steps, batch.vocab_size)
+        sampled = (probs / noise).argmax(dim=-1)  # exponential race: unnormalised p is fine
+        return torch.where(batch.greedy, greedy_ids, sampled)
