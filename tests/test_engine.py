@@ -1,0 +1,199 @@
+"""The engine on the CPU in float32: batching, chunking, preemption, cancellation, accounting."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import load_model
+from engine.config_engine import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+CASE = "goldfinch_l6_d128"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def make_engine(**kw) -> LLMEngine:
+    kw.setdefault("cache_tokens", 4096)
+    kw.setdefault("check_integrity", True)
+    return LLMEngine(load_model(CASE), None, EngineConfig(**kw))
+
+
+def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(512) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def alone(prompt: list[int], max_tokens: int = 12) -> list[int]:
+    """Greedy tokens from the plain (unpaged, unbatched) model path."""
+    model = load_model(CASE)
+    logits, state = model.forward(torch.tensor([prompt]))
+    out = []
+    for _ in range(max_tokens):
+        out.append(int(logits[0].argmax()))
+        logits, state = model.forward(torch.tensor([[out[-1]]]), state)
+    return out
+
+
+def assert_idle(engine: LLMEngine) -> None:
+    engine.check_integrity()
+    pool = engine.cache.pool
+    assert not engine.requests and not engine.scheduler.running and not engine.scheduler.waiting
+    assert pool.num_used_blocks == sum(len(s.block_table) for s in engine.sessions.device_owners())
+    assert pool.num_used_slots == len(engine.sessions.device_owners())
+
+
+def test_batched_equals_alone():
+    ps = prompts(6, seed=1)
+    engine = make_engine()
+    outs = engine.generate(ps, GREEDY)
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == alone(p)
+        assert o.outputs[0].finish_reason == "length"
+    assert_idle(engine)
+
+
+def test_arrivals_while_decoding_and_chunked_prefill():
+    """Prompts join at different steps and are prefilled in chunks of a small token budget."""
+    ps = prompts(5, seed=2, lo=20, hi=60)
+    engine = make_engine(max_num_batched_tokens=16)
+    ids, done = [], {}
+    for step in range(400):
+        if step % 3 == 0 and len(ids) < len(ps):
+            ids.append(engine.add_request(ps[len(ids)], GREEDY))
+        for u in engine.step():
+            if u.finished:
+                done[u.request_id] = u.output
+        if len(done) == len(ps):
+            break
+    for p, rid in zip(ps, ids):
+        assert done[rid].outputs[0].token_ids == alone(p)
+    assert engine.stats.prompt_tokens_computed == sum(map(len, ps))
+    assert_idle(engine)
+
+
+def test_preemption_under_a_tiny_pool_changes_nothing():
+    ps = prompts(6, seed=3, lo=10, hi=30)
+    engine = make_engine(cache_tokens=96, block_size=8, max_num_seqs=4, num_slots=3)
+    outs = engine.generate(ps, GREEDY)
+    assert engine.stats.preemptions > 0, "the pool was meant to force preemption"
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == alone(p)
+    assert_idle(engine)
+
+
+def test_cancel_frees_blocks_and_slot_at_once():
+    engine = make_engine()
+    keep = engine.add_request(prompts(1, seed=4)[0], GREEDY)
+    gone = engine.add_request(prompts(1, seed=5)[0], SamplingParams(temperature=0, max_tokens=50))
+    engine.step()
+    engine.step()
+    used = engine.cache.pool.num_used_blocks
+    seq = engine.requests[gone].seqs[0]
+    held = len(seq.block_table)
+    update = engine.abort(gone)
+    assert update.finished and update.output.outputs[0].finish_reason == "abort"
+    assert engine.cache.pool.num_used_blocks == used - held and seq.state_slot is None
+    engine.check_integrity()
+    while engine.has_unfinished():
+        engine.step()
+    assert keep not in engine.requests
+    assert_idle(engine)
+
+
+def test_cancel_while_preempted_or_waiting():
+    engine = make_engine(cache_tokens=64, block_size=8, num_slots=2, max_num_seqs=2)
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+           for p in prompts(4, seed=6, lo=10, hi=20)]
+    for _ in range(6):
+        engine.step()
+    for rid in ids:
+        engine.abort(rid)
+    assert_idle(engine)
+
+
+def test_requests_that_can_never_fit_are_rejected_up_front():
+    engine = make_engine(max_model_len=64, cache_tokens=48, block_size=8)
+    with pytest.raises(ValueError, match="^prompt: .*context limit of 64"):
+        engine.add_request(list(range(60)), SamplingParams(max_tokens=5))
+    with pytest.raises(ValueError, match="^prompt: .*never fit the compressed-key pool"):
+        engine.add_request(list(range(40)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="^prompt: token id 600"):
+        engine.add_request([1, 600], SamplingParams())
+    with pytest.raises(ValueError, match="^prompt: must contain"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="^stop: "):
+        engine.add_request([1, 2], SamplingParams(stop=("x",)))
+    assert not engine.requests
+
+
+def test_pool_bytes_per_token_from_the_allocation():
+    engine = make_engine()
+    cfg = engine.model.config
+    assert engine.cache.persistent_bytes_per_token() == cfg.n_embd // 16 * 4 + 4  # float32 keys + int32 id
+    bf16 = LLMEngine(load_model(CASE, torch.bfloat16), None, EngineConfig(cache_tokens=64))
+    assert bf16.cache.persistent_bytes_per_token() == cfg.n_embd // 16 * 2 + 4
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent():
+    p = prompts(1, seed=7)[0]
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=10, ignore_eos=True)
+    a = make_engine().generate([p], params)[0].outputs[0].token_ids
+    others = prompts(4, seed=8)
+    mixed = make_engine().generate(others[:2] + [p] + others[2:],
+                                   [SamplingParams(temperature=1.0, max_tokens=7)] * 2 + [params]
+                                   + [SamplingParams(temperature=0.5, seed=9, max_tokens=13)] * 2)
+    assert mixed[2].outputs[0].token_ids == a
+    different = make_engine().generate([p], SamplingParams(temperature=0.9, top_p=0.95, seed=4321, max_tokens=10,
+                                                           ignore_eos=True))[0].outputs[0].token_ids
+    assert different != a
+
+
+def test_n_samples_share_the_prompt_blocks():
+    engine = make_engine(block_size=4)
+    p = prompts(1, seed=9, lo=17, hi=17)[0]
+    rid = engine.add_request(p, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True))
+    while not engine.requests[rid].forked:
+        engine.step()
+    seqs = engine.requests[rid].seqs
+    assert len(seqs) == 3
+    full_blocks = len(p) // 4  # the prompt's full blocks are shared by all three samples
+    shared = set(seqs[0].block_table[:full_blocks])
+    assert all(set(s.block_table[:full_blocks]) == shared for s in seqs)
+    assert all(engine.cache.pool.ref_count(b) == 3 for b in shared)
+    assert len({s.state_slot for s in seqs}) == 3
+    out = None
+    while engine.has_unfinished():
+        for u in engine.step():
+            out = u.output
+    texts = [o.token_ids for o in out.outputs]
+    assert len(texts) == 3 and all(len(t) == 6 for t in texts) and len(set(map(tuple, texts))) > 1
+    # each sample equals a run with its own seed from the same prompt: forks lose nothing
+    assert_idle(engine)
+
+
+def test_failed_step_fails_only_its_requests():
+    engine = make_engine()
+    a = engine.add_request(prompts(1, seed=10)[0], GREEDY)
+    model = engine.runner.model
+    original = model.step
+
+    def broken(*args, **kw):
+        raise RuntimeError("injected fault")
+
+    model.step = broken
+    try:
+        updates = engine.step()
+    finally:
+        model.step = original
+    assert [u.output.outputs[0].finish_reason for u in updates] == ["error"]
+    assert updates[0].output.error and a not in engine.requests
+    b = engine.add_request(prompts(1, seed=11)[0], GREEDY)
+    out = engine.generate([prompts(1, seed=12)[0]], GREEDY)[0]
+    assert out.outputs[0].token_ids == alone(prompts(1, seed=12)[0])
+    while engine.has_unfinished():
+        engine.step()
+    assert b not in engine.requests
+    assert_idle(engine)
