@@ -1,30 +1,29 @@
 """Batched token sampler that runs on the logits' device (CPU or CUDA).
 
-Pipeline per step, in vLLM's order: (1) logit_bias is added, then EOS and
-stop_token_ids are masked to -inf for rows that have generated fewer than
-min_tokens tokens; (2) repetition penalty over prompt + output tokens
-(positive logits divided, negative multiplied), then frequency (x count) and
-presence penalties over output tokens; (3) greedy rows take the argmax, the
-others are scaled by temperature, truncated by top-k, top-p (on the
+Pipeline per step, in vLLM's order: (1) logit_bias is added, then EOS and stop_token_ids
+are masked to -inf for rows that have generated fewer than min_tokens tokens; (2) repetition
+penalty over prompt + output tokens (positive logits divided, negative multiplied), then
+frequency (x count) and presence penalties over output tokens; (3) greedy rows take the
+argmax, the others are scaled by temperature, truncated by top-k, top-p (on the
 top-k-renormalised distribution, at least one token kept) and min-p, and drawn.
 
-Reported log-probabilities are those of the model's *raw* distribution
-(log_softmax of the logits before bias, penalties, temperature and
-truncation), as vLLM does by default ("raw_logprobs").
+Reported log-probabilities are those of the model's *raw* distribution (log_softmax of the
+logits before bias, penalties, temperature and truncation), vLLM's default ("raw_logprobs").
 
-Randomness is a counter-based hash of (seed, step, token id) in exact integer
-arithmetic on int64 tensors, so a row's draw depends only on its own seed and
-step: the same alone or at any position of any batch, and on CPU and CUDA (the
-integer hash is bit-identical; only the float tail may differ in the last ulp).
-Tokens are drawn by the exponential race ``argmax(p / E)``, ``E = -log(u) ~
-Exp(1)``, which samples exactly from ``p`` without normalisation or cumsum.
+Randomness is a counter-based hash of (seed, step, token id) in exact integer arithmetic on
+int64 tensors, so a row's draw depends only on its own seed and step: the same alone or at
+any position of any batch, and on CPU and CUDA (the integer hash is bit-identical; only the
+float tail may differ in the last ulp).  Tokens are drawn by the exponential race
+``argmax(p / E)``, ``E = -log(u) ~ Exp(1)``: exact sampling from ``p``, no cumsum needed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -108,8 +107,7 @@ class SamplingBatch:
     greedy: Tensor  # [B] bool
     seeds: Tensor  # [B] int64
     steps: Tensor  # [B] int64
-    bias_index: tuple[Tensor, Tensor] | None  # (rows, token ids) of logit_bias entries
-    bias_values: Tensor | None
+    bias: tuple[Tensor, Tensor, Tensor] | None  # logit_bias (rows, token ids, values)
     mask_index: tuple[Tensor, Tensor] | None  # (rows, token ids) masked by min_tokens
     output_counts: Tensor | None  # [B, V] float32 counts of output tokens
     prompt_mask: Tensor | None  # [B, V] bool, prompt tokens (repetition penalty only)
@@ -131,13 +129,17 @@ class SamplingBatch:
 
 
 def _token_counts(token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> Tensor:
-    """[B, V] float32 occurrence counts, vectorised via one padded scatter_add."""
-    # Pad with an extra column id `vocab_size` that is dropped afterwards.
-    rows = [torch.as_tensor(list(t), dtype=torch.int64) for t in token_lists]
-    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=vocab_size).to(device)
-    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
-    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
-    return counts[:, :vocab_size]
+    """[B, V] float32 occurrence counts via one flat np.fromiter array (several times
+    faster than a tensor per row), one host-to-device copy and one index_add_."""
+    lengths = [len(t) for t in token_lists]
+    flat = np.fromiter(chain.from_iterable(token_lists), dtype=np.int64, count=sum(lengths))
+    if flat.size and not 0 <= int(flat.min()) <= int(flat.max()) < vocab_size:
+        raise ValueError(f"token_ids: ids must be in [0, {vocab_size}) for the penalties")
+    offsets = np.repeat(np.arange(len(lengths), dtype=np.int64) * vocab_size, lengths)
+    index = torch.from_numpy(offsets + flat).to(device)
+    counts = torch.zeros(len(lengths) * vocab_size, dtype=torch.float32, device=device)
+    counts.index_add_(0, index, torch.ones(1, dtype=torch.float32, device=device).expand(index.shape))
+    return counts.view(len(lengths), vocab_size)
 
 
 def _check_token(name: str, token_id: int, vocab_size: int) -> None:
@@ -147,7 +149,7 @@ def _check_token(name: str, token_id: int, vocab_size: int) -> None:
 
 def _sparse_entries(params: Sequence[SamplingParams], step_index: Sequence[int], vocab_size: int,
                     eos_token_id: int | None, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-    """logit_bias entries as [3, n] (row, id, value) and min_tokens-masked ids as [2, m] (row, id)."""
+    """logit_bias as [3, n] float64 (row, id, value; ids exact) and min_tokens-masked [2, m]."""
     bias: list[tuple[int, int, float]] = []
     masked: list[tuple[int, int]] = []
     for row, p in enumerate(params):
@@ -161,7 +163,6 @@ def _sparse_entries(params: Sequence[SamplingParams], step_index: Sequence[int],
             for token_id in sorted(banned):
                 _check_token("stop_token_ids", token_id, vocab_size)
                 masked.append((row, token_id))
-    # float64 holds ids exactly; one host-to-device copy per kind of entry.
     bias_t = torch.tensor(bias, dtype=torch.float64).T.to(device) if bias else None
     masked_t = torch.tensor(masked, dtype=torch.int64).T.to(device) if masked else None
     return bias_t, masked_t
@@ -173,10 +174,9 @@ def make_sampling_batch(params: Sequence[SamplingParams], output_token_ids: Sequ
                         eos_token_id: int | None = None) -> SamplingBatch:
     """Gather per-row parameters into device tensors, once per decoding step.
 
-    ``step_index[i]`` is how many tokens row i has generated so far; it keys the
-    random stream and gates min_tokens.  ``seeds[i]`` is the row's resolved seed
-    (see ``resolve_seed``), never ``params[i].seed`` directly, so unseeded rows
-    are still reproducible given their drawn seed.  Token ids must be < vocab_size.
+    ``step_index[i]`` (tokens row i has generated so far) keys the random stream and
+    gates min_tokens.  ``seeds[i]`` is the row's resolved seed (``resolve_seed``), so
+    unseeded rows are reproducible too given their drawn seed.  Ids must be < vocab_size.
     """
     n = len(params)
     if n == 0 or not n == len(output_token_ids) == len(prompt_token_ids) == len(step_index) == len(seeds):
@@ -204,8 +204,7 @@ def make_sampling_batch(params: Sequence[SamplingParams], output_token_ids: Sequ
         vocab_size=vocab_size, temperature=scalars[0], top_p=scalars[1], min_p=scalars[2],
         presence_penalty=scalars[3], frequency_penalty=scalars[4], repetition_penalty=scalars[5],
         top_k=ints[0], seeds=ints[1], steps=ints[2], greedy=ints[3].bool(),
-        bias_index=None if bias is None else (bias[0].long(), bias[1].long()),
-        bias_values=None if bias is None else bias[2].float(),
+        bias=None if bias is None else (bias[0].long(), bias[1].long(), bias[2].float()),
         mask_index=None if masked is None else (masked[0], masked[1]),
         output_counts=counts, prompt_mask=prompt_mask,
         num_logprobs=tuple(p.logprobs or 0 for p in params),
@@ -220,8 +219,8 @@ def make_sampling_batch(params: Sequence[SamplingParams], output_token_ids: Sequ
 def apply_penalties_and_bias(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """Steps 1-2 of the pipeline on float32 logits [B, V]; returns a new tensor."""
     out = logits.to(torch.float32, copy=True)
-    if batch.bias_index is not None:
-        out.index_put_(batch.bias_index, batch.bias_values, accumulate=True)
+    if batch.bias is not None:
+        out.index_put_(batch.bias[:2], batch.bias[2], accumulate=True)
     if batch.mask_index is not None:
         out.index_put_(batch.mask_index, torch.tensor(float("-inf"), device=out.device))
     counts = batch.output_counts
@@ -264,7 +263,17 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless batched sampler: ``Sampler()(logits, batch) -> SamplerOutput``."""
+    """Batched sampler: ``Sampler()(logits, batch) -> SamplerOutput``; no per-request state.
+
+    ``compile_noise=True`` runs the noise hash through ``torch.compile`` on CUDA: the
+    eager hash is ~40 bandwidth-bound int64 passes over [B, V] (4.9 ms at B=256,
+    V=65536 on an H100, half the step) and fuses into one kernel (0.13 ms, bit-identical,
+    dynamic batch size), at the price of a one-off ~20 s compile.
+    """
+
+    def __init__(self, compile_noise: bool = False) -> None:
+        self._compiled_noise: Callable[[Tensor, Tensor, int], Tensor] | None = (
+            torch.compile(exponential_noise, dynamic=True) if compile_noise else None)
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or tuple(logits.shape) != (batch.batch_size, batch.vocab_size):
@@ -281,8 +290,7 @@ class Sampler:
         return SamplerOutput(token_ids=token_ids, logprobs=chosen,
                              top_logprob_ids=top_ids, top_logprobs=top_values)
 
-    @staticmethod
-    def choose(processed: Tensor, batch: SamplingBatch) -> Tensor:
+    def choose(self, processed: Tensor, batch: SamplingBatch) -> Tensor:
         """Step 3: argmax for greedy rows, truncated seeded sampling for the rest."""
         greedy_ids = processed.argmax(dim=-1)
         if batch.all_greedy:
@@ -295,6 +303,8 @@ class Sampler:
             # min_p is relative to the top probability, so renormalisation is unneeded.
             threshold = batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < threshold, 0.0)
-        noise = exponential_noise(batch.seeds, batch.steps, batch.vocab_size)
+        use_compiled = self._compiled_noise is not None and processed.is_cuda
+        noise = (self._compiled_noise if use_compiled else exponential_noise)(
+            batch.seeds, batch.steps, batch.vocab_size)
         sampled = (probs / noise).argmax(dim=-1)  # exponential race: unnormalised p is fine
         return torch.where(batch.greedy, greedy_ids, sampled)
