@@ -44,6 +44,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
+        self.absorbing: dict[Sequence, object] = {}  # finished session sequences -> their Session
         self.stats = EngineStats()
         self.eos_token_id = tokenizer.eos_token_id if tokenizer else None
         self.model_fingerprint = _fingerprint(model)
@@ -105,7 +106,7 @@ class LLMEngine:
         return RequestUpdate(request_id, tuple(deltas), request.output)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self.absorbing)
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
@@ -121,7 +122,7 @@ class LLMEngine:
             return self._fail_step(sched, f"model step failed: {type(exc).__name__}")
         self.stats.record_step(sched, time.perf_counter() - started)
         ready = [(row, s.seq) for row, s in enumerate(sched.scheduled)
-                 if s.seq.num_computed_tokens == s.seq.num_tokens]
+                 if s.seq.num_computed_tokens == s.seq.num_tokens and not self._absorbed(s.seq)]
         ready = self._fork_samples(ready)
         deltas: dict[str, list[CompletionDelta]] = {}
         if ready:
@@ -131,7 +132,7 @@ class LLMEngine:
                     request.append_token(seq, token, logprob, self.config.max_model_len))
                 self.stats.generation_tokens += 1
                 if seq.is_finished:
-                    self.scheduler.remove(seq)
+                    self._finish_seq(request, seq)
         updates = []
         for request_id, ds in deltas.items():
             request = self.requests[request_id]
@@ -142,6 +143,24 @@ class LLMEngine:
         if self.config.check_integrity:
             self.check_integrity()
         return updates
+
+    def _finish_seq(self, request: Request, seq: Sequence) -> None:
+        """A sample ended. On a session, its last token is still fed through the model (one more
+        step) so that the session's state covers the whole conversation."""
+        if request.session is not None and seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+            seq.absorbing = True
+            self.absorbing[seq] = request.session
+            self.sessions.begin_absorb(request.session, seq)
+        else:
+            self.scheduler.remove(seq)
+
+    def _absorbed(self, seq: Sequence) -> bool:
+        """Completes a session sequence's last step: the session takes its state."""
+        if not seq.absorbing:
+            return False
+        self.scheduler.remove(seq)
+        self.sessions.end_absorb(self.absorbing.pop(seq), seq)
+        return True
 
     def _fork_samples(self, ready: list[tuple[int, Sequence]]) -> list[tuple[int, Sequence]]:
         """After its prompt, sample 0 of an n > 1 request forks the other samples: they share its
@@ -207,6 +226,8 @@ class LLMEngine:
     def _release(self, request: Request) -> None:
         """Frees (or hands to the session) every sample's cache; forgets the request."""
         for seq in request.seqs:
+            if seq.absorbing:
+                continue  # stays scheduled until its last token is in the session's state
             self.scheduler.remove(seq)
             claim, seq.session_claim = seq.session_claim, None
             if request.session is not None and seq.sample_index == 0:
@@ -261,7 +282,7 @@ class LLMEngine:
         session_ids = session_ids or [None] * len(prompts)
         ids = [self.add_request(p, sp, session_id=sid) for p, sp, sid in zip(prompts, params_list, session_ids)]
         outputs: dict[str, RequestOutput] = {}
-        while any(i not in outputs for i in ids):
+        while any(i not in outputs for i in ids) or self.absorbing:
             for update in self.step():
                 if update.finished:
                     outputs[update.request_id] = update.output
@@ -270,7 +291,7 @@ class LLMEngine:
     def owners(self) -> list:
         """Every holder of device cache: running and waiting sequences, sessions."""
         seqs = [s for r in self.requests.values() for s in r.seqs if not s.is_finished]
-        return seqs + self.sessions.device_owners()
+        return seqs + list(self.absorbing) + self.sessions.device_owners()
 
     def check_integrity(self) -> None:
         self.cache.check_integrity(self.owners())

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.wkv6_reference import wkv6_chunked, wkv6_step
+from kernels.dispatch import wkv_decode, wkv_prefill
 
 from . import layers as L
 from .config import ModelConfig
@@ -137,28 +137,32 @@ class GoldFinchModel:
 
     def _wkv(self, layer: int, r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, u: Tensor,
              batch: StepBatch, rnn: RNNStatePool) -> Tensor:
-        """The recurrence per sequence: decodes (one token) together, prompts in chunked form."""
+        """The recurrence per sequence: decodes (one token) in one call, prompts in one packed
+        chunked call; Triton kernels on CUDA, the reference elsewhere (`kernels.dispatch`)."""
         H, N = self.config.n_head, self.config.head_size
         heads = lambda t: t.view(t.shape[0], H, N)  # noqa: E731
-        pool = rnn.wkv[layer]
-        y = torch.empty_like(r)
+        pool, slots, lens = rnn.wkv[layer], batch.state_slots, batch.query_lens
+        if all(n == 1 for n in lens):  # a decode step: no gathers at all
+            return wkv_decode(heads(r), heads(k), heads(v), heads(log_decay), u, pool, slots).view(r.shape)
         offsets = [0]
-        for n in batch.query_lens:
+        for n in lens:
             offsets.append(offsets[-1] + n)
-        decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
-        if decode:
-            rows = torch.tensor([offsets[i] for i in decode], device=r.device)
-            out = wkv6_step(heads(r[rows]), heads(k[rows]), heads(v[rows]), heads(log_decay[rows]), u,
-                            pool, batch.state_slots[rows.new_tensor(decode)])
-            y[rows] = out.reshape(len(decode), -1)
-        for i, n in enumerate(batch.query_lens):
-            if n == 1:
-                continue
-            sl, slot = slice(offsets[i], offsets[i + 1]), batch.state_slots[i]
-            out, state = wkv6_chunked(heads(r[sl])[None], heads(k[sl])[None], heads(v[sl])[None],
-                                      heads(log_decay[sl])[None], u, pool[slot][None])
-            pool[slot] = state[0]
-            y[sl] = out[0].reshape(n, -1)
+        decode = [i for i, n in enumerate(lens) if n == 1]
+        prompts = [i for i, n in enumerate(lens) if n > 1]
+        if not decode:  # prompts only: the packed batch is already what the prefill kernel takes
+            return wkv_prefill(heads(r), heads(k), heads(v), heads(log_decay), u, offsets, pool, slots).view(r.shape)
+        y = torch.empty_like(r)
+        rows = torch.tensor([offsets[i] for i in decode], device=r.device)
+        out = wkv_decode(heads(r[rows]), heads(k[rows]), heads(v[rows]), heads(log_decay[rows]), u,
+                         pool, slots[rows.new_tensor(decode)])
+        y[rows] = out.reshape(len(decode), -1)
+        rows = torch.tensor([t for i in prompts for t in range(offsets[i], offsets[i + 1])], device=r.device)
+        cu = [0]
+        for i in prompts:
+            cu.append(cu[-1] + lens[i])
+        out = wkv_prefill(heads(r[rows]), heads(k[rows]), heads(v[rows]), heads(log_decay[rows]), u, cu,
+                          pool, slots[rows.new_tensor(prompts)])
+        y[rows] = out.reshape(rows.shape[0], -1)
         return y
 
     # ---- GOLD layers over the tail ------------------------------------------------------------

@@ -56,6 +56,7 @@ class RequestOutput:
     session_id: str | None = None
     error: str | None = None
     arrival_time: float = 0.0
+    scheduled_time: float | None = None  # first admitted to the device
     first_token_time: float | None = None
     finish_time: float | None = None
 

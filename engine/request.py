@@ -62,6 +62,7 @@ class Request:
             seq.first_token_time = now
             if self.output.first_token_time is None:
                 self.output.first_token_time = now
+                self.output.scheduled_time = seq.scheduled_time
         piece = sample.detokenizer.push(token_id) if sample.detokenizer else ""
         update = sample.stop.push(piece, token_id)
         text, finish, stop_reason = update.text, None, None

@@ -101,6 +101,7 @@ class Scheduler:
             if n == 0:
                 kept.append(seq)
                 continue
+            preempted_self = False
             while not self.cache.can_grow(seq, seq.num_computed_tokens + n):
                 if self.make_room():
                     continue
@@ -108,8 +109,9 @@ class Scheduler:
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
+                    preempted_self = True
                     break
-            if seq.status != SequenceStatus.RUNNING:
+            if preempted_self:
                 continue
             self.cache.grow(seq, seq.num_computed_tokens + n)
             out.scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
@@ -121,6 +123,8 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.session_claim is not None and seq.session_claim.absorbing:
+                return  # its session's previous turn is feeding its last token: next step
             n = min(seq.num_uncomputed_tokens, budget)
             while not self._can_admit(seq, n):
                 if not self.make_room():
@@ -155,13 +159,15 @@ class Scheduler:
             seq.host_copy = None
         else:
             self.cache.admit(seq)
-        seq.status = SequenceStatus.RUNNING
+        if not seq.absorbing:
+            seq.status = SequenceStatus.RUNNING
         if seq.scheduled_time is None:
             seq.scheduled_time = time.monotonic()
 
     def _preempt(self, seq: Sequence) -> None:
         seq.host_copy = self.cache.to_host(seq, seq.num_computed_tokens)
-        seq.status = SequenceStatus.WAITING
+        if not seq.absorbing:  # an absorbing sequence stays finished for its request
+            seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions_total += 1
         self.running.remove(seq) if seq in self.running else None

@@ -59,6 +59,7 @@ class Sequence:
     host_copy: HostCopy | None = None
     session_claim: Any = None  # a Session whose state this sequence resumes when admitted
     sample_index: int = 0  # which of the request's n samples this is
+    absorbing: bool = False  # finished; feeding its last token so its session covers every token
     num_preemptions: int = 0
     first_token_time: float | None = None
     scheduled_time: float | None = None

@@ -30,12 +30,19 @@ class Session:
     state_slot: int | None = None
     host_copy: HostCopy | None = None
     busy: bool = False  # a request is resuming from it / running on it
+    absorbing: bool = False  # its last request finished; the final token is being fed in
     last_used: float = field(default_factory=time.monotonic)
     created: float = field(default_factory=time.time)
 
     @property
     def num_computed_tokens(self) -> int:
+        """Tokens the state it holds now covers."""
         return len(self.token_ids) if (self.state_slot is not None or self.host_copy is not None) else 0
+
+    @property
+    def covered_tokens(self) -> int:
+        """Tokens its state covers, counting a finished request's state still being absorbed."""
+        return len(self.token_ids) if self.absorbing else self.num_computed_tokens
 
     @property
     def on_device(self) -> bool:
@@ -113,11 +120,31 @@ class SessionStore:
             raise SessionError(f"session_id: session {session.session_id!r} is in use by a running request")
         session.busy = True
         self._touch(session)
-        n = session.num_computed_tokens
+        n = session.covered_tokens
         if n and len(prompt_token_ids) > n and prompt_token_ids[:n] == session.token_ids:
             return n
-        self._discard_state(session)
+        if session.absorbing:  # the state in flight will be stale: drop it when it lands
+            session.token_ids = []
+        else:
+            self._discard_state(session)
         return 0
+
+    def begin_absorb(self, session: Session, seq: Sequence) -> None:
+        """The session's request finished: its state will cover every token of the sequence once
+        the last sampled token has been fed through the model (see LLMEngine)."""
+        session.busy, session.absorbing = False, True
+        session.token_ids = seq.all_token_ids()
+        self._touch(session)
+
+    def end_absorb(self, session: Session, seq: Sequence) -> None:
+        """Takes over the sequence's state, unless a new request has since discarded it."""
+        session.absorbing = False
+        if session.token_ids != seq.all_token_ids()[: seq.num_computed_tokens]:
+            self.cache.free(seq)  # a non-extending prompt claimed the session meanwhile
+            seq.host_copy = None
+            session.token_ids = []
+            return
+        self._take_state(session, seq)
 
     def release(self, session: Session, seq: Sequence | None) -> None:
         """Takes over the finished (or cancelled) sequence's state; None just unmarks it busy."""
@@ -127,6 +154,9 @@ class SessionStore:
             return
         self._discard_state(session)
         session.token_ids = seq.all_token_ids()[: seq.num_computed_tokens]
+        self._take_state(session, seq)
+
+    def _take_state(self, session: Session, seq: Sequence) -> None:
         if seq.state_slot is not None:
             self.cache.transfer(seq, session)
         elif seq.host_copy is not None:
@@ -139,7 +169,7 @@ class SessionStore:
     def make_room(self) -> bool:
         """Moves the least recently used device-resident session to host memory. Returns False
         when none is left on the device."""
-        for session in self._sessions.values():
+        for session in list(self._sessions.values()):
             if session.on_device:
                 session.host_copy = self.cache.to_host(session, len(session.token_ids))
                 self.num_evicted_to_host += 1

@@ -31,7 +31,7 @@ def two_turns(engine: LLMEngine, sid: str = "conv-1", restore=None):
 def test_second_turn_prefills_only_new_tokens():
     engine = make_engine()
     first, second, fresh, prefilled, conversation, _ = two_turns(engine)
-    reused = len(TURN1) + len(first.outputs[0].token_ids) - 1  # the last sampled token was never fed
+    reused = len(TURN1) + len(first.outputs[0].token_ids)  # the session covers every token
     assert second.num_cached_tokens == second.usage.cached_tokens == reused
     assert prefilled == len(conversation) - reused
     assert second.outputs[0].token_ids == fresh.outputs[0].token_ids
@@ -64,7 +64,7 @@ def test_saved_session_restores_in_a_new_engine(tmp_path):
         return new, sid
 
     first, second, fresh, prefilled, conversation, engine = two_turns(make_engine(), restore=save_and_restart)
-    assert second.num_cached_tokens == len(TURN1) + len(first.outputs[0].token_ids) - 1
+    assert second.num_cached_tokens == len(TURN1) + len(first.outputs[0].token_ids)
     assert second.outputs[0].token_ids == fresh.outputs[0].token_ids
     assert_idle(engine)
 
