@@ -76,6 +76,14 @@ class AsyncEngine:
         self._commands.put((fn, future))
         return await asyncio.wrap_future(future)
 
+    def call_blocking(self, fn: Callable[[LLMEngine], Any], timeout: float = 60.0) -> Any:
+        """Like `call`, from a thread without an event loop (shutdown hooks)."""
+        if not self.alive:
+            raise EngineDead("the engine is not running")
+        future: cf.Future = cf.Future()
+        self._commands.put((fn, future))
+        return future.result(timeout=timeout)
+
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                        session_id: str | None = None, owner: str | None = None) -> AsyncIterator[RequestUpdate]:
         """Adds a request and yields its updates until it finishes. Validation errors

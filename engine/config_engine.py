@@ -21,7 +21,7 @@ class EngineConfig:
     cache_tokens: int | None = None  # pool capacity in tokens; None: from cache_bytes / free memory
     cache_bytes: int | None = None  # pool budget in bytes (used when cache_tokens is None)
     gpu_memory_fraction: float = 0.5  # of free GPU memory for the pool, when neither is given
-    cpu_cache_bytes: int = 1 * GiB  # default pool budget on the CPU
+    cpu_cache_bytes: int = GiB // 8  # default pool budget on the CPU
     num_slots: int | None = None  # RNN state slots; default max_num_seqs
     session_host_bytes: int = 4 * GiB  # host memory for sessions moved off the device
     max_sessions: int = 10_000

@@ -47,6 +47,8 @@ class LLMEngine:
         self.absorbing: dict[Sequence, object] = {}  # finished session sequences -> their Session
         self.stats = EngineStats()
         self.eos_token_id = tokenizer.eos_token_id if tokenizer else None
+        # a model's embedding is often padded past its tokenizer: never sample an id without text
+        self.sampleable_vocab = min(model.config.vocab_size, tokenizer.vocab_size) if tokenizer else None
         self.model_fingerprint = _fingerprint(model)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -193,7 +195,10 @@ class LLMEngine:
             [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs],
             [len(s.output_token_ids) for s in seqs], self.model.config.vocab_size, logits.device,
             seeds=[s.seed for s in seqs], eos_token_id=self.eos_token_id)
-        result = self.sampler(logits.index_select(0, rows), batch)
+        logits = logits.index_select(0, rows)
+        if self.sampleable_vocab is not None and self.sampleable_vocab < logits.shape[1]:
+            logits[:, self.sampleable_vocab:] = float("-inf")
+        result = self.sampler(logits, batch)
         tokens = result.token_ids.tolist()
         chosen = result.logprobs.tolist()
         top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
@@ -261,6 +266,8 @@ class LLMEngine:
         rnn = self.cache.rnn
         shapes = {k: tuple(getattr(rnn, k)[:, 0].shape) for k in RNN_KEYS}
         meta, copy = load_session(path, self.model_fingerprint, shapes, self.model.config.compressed_dim)
+        if meta.get("owner") and meta["owner"] != owner:  # another key's file reads as missing
+            raise SessionError(f"session_id: no session {session_id or meta.get('session_id')!r}")
         dtype = self.model.dtype
         copy.compressed_keys = copy.compressed_keys.to(dtype)
         copy.rnn_state["tmix_shift"] = copy.rnn_state["tmix_shift"].to(dtype)

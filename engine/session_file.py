@@ -36,7 +36,8 @@ def save_session(path: str | os.PathLike, session: Session, host_copy: HostCopy,
         **{k: host_copy.rnn_state[k].contiguous() for k in RNN_KEYS},
     }
     metadata = {"format": FORMAT, "version": VERSION, "model": model_fingerprint,
-                "session_id": session.session_id, "num_tokens": str(len(session.token_ids))}
+                "session_id": session.session_id, "num_tokens": str(len(session.token_ids)),
+                "owner": session.owner or ""}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)

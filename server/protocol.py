@@ -117,7 +117,10 @@ def completion_logprobs(tokenizer: Tokenizer | None, logprobs: list[TokenLogprob
         text = token_text(tokenizer, lp.token_id)
         tokens.append(text)
         token_logprobs.append(lp.logprob)
-        top.append({token_text(tokenizer, t): v for t, v in lp.top} or None)
+        alternatives: dict[str, float] = {}
+        for t, v in lp.top:  # best first: where two tokens share a text, the likelier one stays
+            alternatives.setdefault(token_text(tokenizer, t), v)
+        top.append(alternatives or None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
