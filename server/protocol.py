@@ -103,9 +103,12 @@ def usage_dict(outputs: list[RequestOutput]) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+AS_IDS = object()  # pass as the tokenizer to name tokens by id
+
+
 def token_text(tokenizer: Tokenizer | None, token_id: int) -> str:
-    if tokenizer is None:
-        return f"<|{token_id}|>"
+    if tokenizer is None or tokenizer is AS_IDS:
+        return f"token_id:{token_id}"
     return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
@@ -128,7 +131,8 @@ def completion_logprobs(tokenizer: Tokenizer | None, logprobs: list[TokenLogprob
 
 def chat_logprobs(tokenizer: Tokenizer | None, logprobs: list[TokenLogprob]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        raw = tokenizer.token_bytes(token_id) if tokenizer else token_text(None, token_id).encode()
+        raw = (tokenizer.token_bytes(token_id) if tokenizer not in (None, AS_IDS)
+               else token_text(None, token_id).encode())
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}

@@ -12,7 +12,7 @@ from engine.outputs import RequestOutput
 
 from .errors import APIError, error_body
 from .generation import collect, new_id, stream_updates
-from .protocol import (chat_logprobs, chat_params, completion_logprobs, completion_params, finish_reason,
+from .protocol import (AS_IDS, chat_logprobs, chat_params, completion_logprobs, completion_params, finish_reason,
                        prompt_list, usage_dict)
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import ServerState
@@ -64,7 +64,7 @@ def make_router(state: ServerState, auth) -> APIRouter:
         for i, out in enumerate(outputs):
             for o in out.outputs:
                 choices.append({"index": i * body.n + o.index, "text": echo_texts[i] + o.text,
-                                "logprobs": completion_logprobs(state.tokenizer, o.logprobs)
+                                "logprobs": completion_logprobs(_lp_tok(state, body), o.logprobs)
                                 if o.logprobs is not None else None,
                                 "finish_reason": finish_reason(o), "stop_reason": o.stop_reason})
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -85,12 +85,17 @@ def make_router(state: ServerState, auth) -> APIRouter:
             return await _stream_response(state, chat_events(state, body, params, prompts, rid, created, model, owner))
         outputs = await collect(state, request, prompts, params, body.session_id, owner)
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": chat_logprobs(state.tokenizer, o.logprobs) if o.logprobs is not None else None,
+                    "logprobs": chat_logprobs(_lp_tok(state, body), o.logprobs) if o.logprobs is not None else None,
                     "finish_reason": finish_reason(o), "stop_reason": o.stop_reason} for o in outputs[0].outputs]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                              "choices": choices, "usage": usage_dict(outputs)})
 
     return router
+
+
+def _lp_tok(state: ServerState, body):
+    """How logprobs name tokens: their text, or "token_id:<id>" when the request asks."""
+    return AS_IDS if body.return_tokens_as_token_ids else state.tokenizer
 
 
 def _prompt_text(state: ServerState, prompt) -> str:
@@ -137,7 +142,7 @@ async def completion_events(state: ServerState, body: CompletionRequest, params,
             if body.echo and index not in echoed:
                 echoed.add(index)
                 text = echo_texts[i] + text
-            lp = completion_logprobs(state.tokenizer, list(d.logprobs)) if d.logprobs else None
+            lp = completion_logprobs(_lp_tok(state, body), list(d.logprobs)) if d.logprobs else None
             if not text and lp is None and d.finish_reason is None:
                 continue
             yield {**base, "choices": [{"index": index, "text": text, "logprobs": lp,
@@ -162,7 +167,7 @@ async def chat_events(state: ServerState, body: ChatCompletionRequest, params, p
                 yield {**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]}
         for d in update.deltas:
-            lp = chat_logprobs(state.tokenizer, list(d.logprobs)) if d.logprobs else None
+            lp = chat_logprobs(_lp_tok(state, body), list(d.logprobs)) if d.logprobs else None
             if d.text or lp is not None:
                 yield {**base, "choices": [{"index": d.index, "delta": {"content": d.text}, "logprobs": lp,
                                             "finish_reason": None}]}

@@ -48,6 +48,7 @@ class SamplingFields(_Strict):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     session_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's extension)
 
     @field_validator("logit_bias")
     @classmethod
