@@ -43,6 +43,7 @@ OPTIONS = [
     ("served_model_name", str, None, "model name in the API (default: the model folder's name)"),
     ("session_dir", str, None, "folder for saved sessions (enables save/restore)"),
     ("session_host_bytes", int, 4 << 30, "host memory for sessions moved off the device"),
+    ("cpu_threads", int, None, "torch CPU threads (default: torch's choice; 1 suits small models on busy hosts)"),
     ("log_level", str, "info", "debug, info, warning, error"),
 ]
 FLAGS = [
@@ -135,6 +136,10 @@ def shutdown(state: ServerState) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.cpu_threads:
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# tiny models: one thread is fastest, and several processes (a test and its server) share 2 cores
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE_DIR = ROOT.parent / "shared" / "conformance"
 

@@ -43,7 +43,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port),
-               "--host", "127.0.0.1", "--device", "cpu", "--log-level", "warning", *args]
+               "--host", "127.0.0.1", "--device", "cpu", "--log-level", "warning", "--cpu-threads", "1", *args]
         if tokenizer is not None:
             cmd += ["--tokenizer", str(tokenizer)]
         clean = {k: v for k, v in os.environ.items() if not k.startswith("GOLDFINCH_")}
