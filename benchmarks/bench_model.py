@@ -1,0 +1,176 @@
+"""Whole-model benchmarks at the paper's 1.5B shape (random weights, bf16), with the card's own
+roofline and a same-size Llama (HF transformers, SDPA) measured in the same run.
+
+    python benchmarks/bench_model.py [--budget-s 420] [--out DIR] [--no-llama]
+
+Writes bench_model.json and bench_model.md (to --out, default $OUT or .) with card, commit, date.
+Every section has a time budget; a section that would not fit is reported as skipped."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine.model import GoldFinchModel  # noqa: E402
+from engine.random_model import PAPER_1B5_CONFIG, random_checkpoint  # noqa: E402
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Median seconds of fn() over `repeat` runs after one warm-up, synchronised."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def card_roofline() -> dict:
+    n = 1 << 28
+    a, b = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    t = timed(lambda: b.copy_(a), 5)
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    tm = timed(lambda: x @ x, 5)
+    del a, b, x
+    return {"copy_GBps": 2 * n / t / 1e9, "bf16_TFLOPs": 2 * 8192 ** 3 / tm / 1e12}
+
+
+def bench_prefill(model: GoldFinchModel, lengths: list[int], deadline: float) -> list[dict]:
+    out = []
+    for T in lengths:
+        if time.monotonic() > deadline:
+            out.append({"T": T, "skipped": "time budget"})
+            continue
+        tokens = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            t = timed(lambda: model.forward(tokens), 1)
+            out.append({"T": T, "seconds": t, "tok_per_s": T / t,
+                        "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30})
+        except torch.OutOfMemoryError as exc:
+            out.append({"T": T, "skipped": f"out of memory: {str(exc)[:80]}"})
+        torch.cuda.empty_cache()
+        print(json.dumps({"prefill": out[-1]}), flush=True)
+    return out
+
+
+def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: float, steps: int = 16) -> list[dict]:
+    out = []
+    for batch, ctx in cases:
+        if time.monotonic() > deadline:
+            out.append({"batch": batch, "context": ctx, "skipped": "time budget"})
+            continue
+        try:
+            tokens = torch.randint(0, model.config.vocab_size, (batch, ctx), device="cuda")
+            _, state = model.forward(tokens)
+            nxt = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                _, state = model.forward(nxt, state)
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / steps
+            out.append({"batch": batch, "context": ctx, "step_ms": dt * 1e3, "tok_per_s": batch / dt})
+        except torch.OutOfMemoryError as exc:
+            out.append({"batch": batch, "context": ctx, "skipped": f"out of memory: {str(exc)[:80]}"})
+        torch.cuda.empty_cache()
+        print(json.dumps({"decode": out[-1]}), flush=True)
+    return out
+
+
+def capacity(model: GoldFinchModel, session_tokens: int = 32768) -> dict:
+    state = model.new_state(1)
+    model.forward(torch.zeros(1, 8, dtype=torch.long, device="cuda"), state)
+    per_token = state.persistent_bytes_per_token()
+    rnn = state.rnn.bytes_per_slot()
+    free, total = torch.cuda.mem_get_info()
+    per_session = per_token * session_tokens + rnn
+    return {"persistent_bytes_per_token": per_token, "rnn_state_bytes": rnn, "free_GiB": free / 2 ** 30,
+            "sessions_32k_on_device": int(free // per_session),
+            "sessions_32k_keys_on_device_rnn_in_host": int(free // (per_token * session_tokens))}
+
+
+def bench_llama(lengths: list[int], deadline: float) -> dict:
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return {"skipped": "transformers not installed"}
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=65536, max_position_embeddings=1 << 20)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    res = {"params_B": params, "prefill": [], "decode": []}
+    with torch.inference_mode():
+        for T in lengths:
+            if time.monotonic() > deadline:
+                res["prefill"].append({"T": T, "skipped": "time budget"})
+                continue
+            ids = torch.randint(0, 65536, (1, T), device="cuda")
+            try:
+                t = timed(lambda: model(ids, logits_to_keep=1, use_cache=False), 1)
+                res["prefill"].append({"T": T, "tok_per_s": T / t})
+            except torch.OutOfMemoryError:
+                res["prefill"].append({"T": T, "skipped": "out of memory"})
+            torch.cuda.empty_cache()
+            print(json.dumps({"llama_prefill": res["prefill"][-1]}), flush=True)
+        if time.monotonic() < deadline:
+            ids = torch.randint(0, 65536, (1, 4096), device="cuda")
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            past, nxt = out.past_key_values, ids[:, -1:]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(16):
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+            torch.cuda.synchronize()
+            res["decode"].append({"batch": 1, "context": 4096, "tok_per_s": 16 / (time.perf_counter() - t0)})
+    del model
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-s", type=float, default=420)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--prefill", default="4096,16384,65536,131072,1048576")
+    ap.add_argument("--decode", default="1x4096,8x4096,64x4096,256x4096,1x131072,16x131072")
+    args = ap.parse_args()
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"card": torch.cuda.get_device_name(), "commit": commit or "unknown",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "roofline": card_roofline()}
+    print(json.dumps(result), flush=True)
+    model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
+    result["capacity"] = capacity(model)
+    lengths = [int(x) for x in args.prefill.split(",")]
+    result["prefill"] = bench_prefill(model, lengths, start + args.budget_s * 0.45)
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.decode.split(",")]
+    result["decode"] = bench_decode(model, cases, start + args.budget_s * 0.75)
+    del model
+    torch.cuda.empty_cache()
+    if not args.no_llama:
+        result["llama"] = bench_llama([4096, 16384, 65536, 131072], deadline)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench_model.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
