@@ -17,8 +17,11 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # torch first and pinned: where a local CPU wheel is offered (this workplace), this takes it; the
 # project's own range then keeps it instead of pulling a multi-GB CUDA build.
+# GOLDFINCH_TORCH_INDEX_URL (optional) is the index torch comes from, e.g. a CUDA build's
+# https://download.pytorch.org/whl/cu129 (the Dockerfile sets it); unset, pip's configured index.
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
-    pip install "torch==${GOLDFINCH_TORCH_VERSION:-2.13.0}"
+    pip install "torch==${GOLDFINCH_TORCH_VERSION:-2.13.0}" \
+        ${GOLDFINCH_TORCH_INDEX_URL:+--index-url "$GOLDFINCH_TORCH_INDEX_URL"}
 fi
 pip install -e ".[test]"
 echo "$want" > "$stamp"

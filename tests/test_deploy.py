@@ -152,12 +152,19 @@ def served():
 
 @pytest.fixture(scope="module")
 def exported(served) -> set[str]:
-    """Every sample name on /metrics: gauges, counters' _total, histograms' _bucket/_sum/_count."""
+    """Every series name /metrics declares or has: gauges, counters' _total, histograms'
+    _bucket/_sum/_count (a labelled counter that has counted nothing yet, such as preemptions, is
+    declared by its TYPE line alone)."""
     srv, _ = served
     text = httpx.get(srv.url + "/metrics", timeout=10).text
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names = set()
     for line in text.splitlines():
-        if line and not line.startswith("#"):
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            base = name.removesuffix("_total") if kind == "counter" else name
+            names.update(base + s for s in suffixes.get(kind, ("",)))
+        elif line and not line.startswith("#"):
             names.add(re.match(r"[^{\s]+", line).group(0))
     return names
 
@@ -205,6 +212,11 @@ def test_dockerfile_installs_with_setup_script(route_paths):
     assert entry[0] == "goldfinch-serve" and re.search(r'^goldfinch-serve = "server\.cli:main"', pyproject, re.M)
     copies = [exec_form(a) for k, a in ins if k == "COPY"]
     assert ["models/demo/", "models/demo/"] in [c[-2:] for c in copies], "the demo model is not baked in"
+    # every package the project installs is copied before the install step
+    packages = re.search(r"^packages = \[(.*)\]", pyproject, re.M).group(1)
+    copied = {s.rstrip("/") for c in copies for s in c[:-1]}
+    for package in re.findall(r'"([^"]+)"', packages):
+        assert package in copied, f"the Dockerfile does not copy the package {package}"
 
 
 def test_dockerignore_keeps_what_the_image_copies():
