@@ -25,6 +25,9 @@ class EngineConfig:
     num_slots: int | None = None  # RNN state slots; default max_num_seqs
     session_host_bytes: int = 4 * GiB  # host memory for sessions moved off the device
     max_sessions: int = 10_000
+    # materialised per-layer K/V for running sequences (64 KB/token at the 1.5B shape); None: 40% of
+    # the GPU memory left after the pool, 256 MiB on the CPU; 0: always derive from the compressed cache
+    kv_working_set_bytes: int | None = None
     check_integrity: bool = False  # verify the pool's bookkeeping after every step (tests, debugging)
 
     def __post_init__(self) -> None:
@@ -64,3 +67,13 @@ def cache_config_for(config: EngineConfig, model) -> CacheConfig:
 def _slot_bytes(mc, dtype: torch.dtype) -> int:
     elt = torch.tensor([], dtype=dtype).element_size()
     return mc.n_finch * mc.n_head * mc.head_size ** 2 * 4 + 2 * mc.n_layer * mc.n_embd * elt
+
+
+def working_set_budget(config: EngineConfig, device: torch.device) -> int:
+    """Bytes for K/V working sets, decided after the pool and slots are allocated."""
+    if config.kv_working_set_bytes is not None:
+        return config.kv_working_set_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.4)
+    return 256 << 20

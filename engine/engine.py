@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 
 from .cache_manager import CacheManager
-from .config_engine import EngineConfig, cache_config_for
+from .config_engine import EngineConfig, cache_config_for, working_set_budget
 from .model import GoldFinchModel
 from .model_runner import ModelRunner
 from .outputs import CompletionDelta, RequestOutput, RequestUpdate, TokenLogprob
@@ -41,7 +41,7 @@ class LLMEngine:
         self.cache = CacheManager(model.config, cache_config_for(self.config, model), model.dtype, model.device)
         self.sessions = SessionStore(self.cache, self.config.session_host_bytes, self.config.max_sessions)
         self.scheduler = Scheduler(self.config.scheduler_config(), self.cache, make_room=self.sessions.make_room)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, working_set_budget(self.config, model.device))
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.absorbing: dict[Sequence, object] = {}  # finished session sequences -> their Session

@@ -79,12 +79,12 @@ class PagedKeyCache:
     def _flat(self) -> tuple[Tensor, Tensor]:
         return self.compressed_keys.view(-1, self.compressed_dim), self.token_ids.view(-1)
 
-    def _positions(self, block_table: Sequence[int] | Tensor, length: int) -> Tensor:
-        """Flat slots of positions [0, length) through `block_table`, on the pool's device."""
+    def _positions(self, block_table: Sequence[int] | Tensor, length: int, start: int = 0) -> Tensor:
+        """Flat slots of positions [start, length) through `block_table`, on the pool's device."""
         if len(block_table) * self.block_size < length:
             raise ValueError(f"{len(block_table)} blocks of {self.block_size} cannot hold {length} tokens")
         table = torch.as_tensor(block_table, dtype=torch.long, device=self.device)
-        pos = torch.arange(length, device=self.device)
+        pos = torch.arange(start, length, device=self.device)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
@@ -106,9 +106,9 @@ class PagedKeyCache:
         keys.index_copy_(0, slots, compressed.to(device=self.device, dtype=keys.dtype))
         tids.index_copy_(0, slots, ids.to(device=self.device, dtype=TOKEN_ID_DTYPE))
 
-    def read(self, block_table: Sequence[int] | Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Positions [0, length) of a sequence gathered through its table: ([length, Cc], [length])."""
-        idx = self._positions(block_table, length)
+    def read(self, block_table: Sequence[int] | Tensor, length: int, start: int = 0) -> tuple[Tensor, Tensor]:
+        """Positions [start, length) of a sequence gathered through its table."""
+        idx = self._positions(block_table, length, start)
         keys, tids = self._flat()
         return keys.index_select(0, idx), tids.index_select(0, idx)
 
@@ -139,6 +139,7 @@ class PagedKeyCacheView:
         mapping = slot_mapping(self.block_tables, self.context_lens, self.query_lens, cache.block_size)
         self.slots = torch.tensor(mapping, dtype=torch.long, device=cache.device)
         self._written = False
+        self.working_sets: list | None = None  # set by the runner when it keeps K/V working sets
 
     def write(self, compressed_keys: Tensor, token_ids: Tensor) -> None:
         self.cache.write(self.slots, compressed_keys, token_ids)
@@ -148,4 +149,15 @@ class PagedKeyCacheView:
         """History of sequence i including this step's tokens; only valid after `write`."""
         if not self._written:
             raise RuntimeError("read before this step's write: the history would miss its new tokens")
-        return self.cache.read(self.block_tables[i], self.context_lens[i] + self.query_lens[i])
+        return self.read_from(i, 0)
+
+    def read_from(self, i: int, start: int) -> tuple[Tensor, Tensor]:
+        """Positions [start, ctx + q) of sequence i (the tail that a step with a materialised K/V
+        working set needs)."""
+        if not self._written:
+            raise RuntimeError("read before this step's write: the history would miss its new tokens")
+        return self.cache.read(self.block_tables[i], self.context_lens[i] + self.query_lens[i], start)
+
+    def working_set(self, i: int):
+        """Sequence i's materialised K/V (engine.kv_working_set), or None: derive from the cache."""
+        return self.working_sets[i] if self.working_sets is not None else None

@@ -128,9 +128,12 @@ class GoldFinchModel:
             x = self._finch_block(layer, x, win, batch, rnn)
         keys.write(F.linear(x, self.w_compress), batch.token_ids)
         x, win = self._gold_input_window(x, win, batch.all_logits)
-        histories = [self.decompress(*keys.read(i)) for i in range(len(batch.query_lens))]
+        histories = [self._history(keys, i, batch) for i in range(len(batch.query_lens))]
         for j, layer in enumerate(range(cfg.gold_start, cfg.n_layer)):
             x, win = self._gold_block(layer, j, x, win, batch, rnn, histories)
+        for i, h in enumerate(histories):
+            if h.working_set is not None:
+                h.working_set.length = batch.context_lens[i] + batch.query_lens[i]
         x = F.layer_norm(x, (x.shape[-1],), *self.ln_out)
         return F.linear(x, self.head)
 
@@ -190,8 +193,34 @@ class GoldFinchModel:
             base += T
         return x[torch.tensor(rows, device=x.device)], _Windows(starts, list(win.lens))
 
+    def _history(self, keys: KeyCacheView, i: int, batch: StepBatch) -> "_History":
+        """What GOLD layers derive keys and values from for sequence i this step: the whole
+        history, or, when its working set holds every earlier position, only the new tokens (and
+        the one before them, which their token shift reads)."""
+        ctx = batch.context_lens[i]
+        ws = keys.working_set(i) if hasattr(keys, "working_set") else None
+        if ws is not None and ws.length == ctx and ctx > 0:
+            return _History(*self.decompress(*keys.read_from(i, ctx - 1)), start=ctx - 1, working_set=ws)
+        if ws is not None:
+            ws.length = 0  # stale or new: rebuilt from the compressed cache in this step
+        return _History(*self.decompress(*keys.read(i)), start=0, working_set=ws)
+
+    def _layer_keys_values(self, j: int, w: L.LayerWeights, h: "_History") -> tuple[Tensor, Tensor]:
+        """GOLD layer j's keys (rotated) and values for every position of a history."""
+        cfg = self.config
+        keys, values = L.gold_keys_values(h.proto_keys, h.token_values, w)
+        if cfg.rope is not None:
+            pos = torch.arange(h.start, h.start + keys.shape[0], device=keys.device)
+            keys = L.rotary(keys.view(keys.shape[0], cfg.n_head, -1), pos, cfg.rope.theta,
+                            cfg.rope.rescale).reshape(keys.shape)
+        if h.start > 0:  # the first row only served its successor's token shift
+            keys, values = keys[1:], values[1:]
+        if h.working_set is None:
+            return keys, values
+        return h.working_set.store(j, h.start + 1 if h.start > 0 else 0, keys, values)
+
     def _gold_block(self, layer: int, j: int, x: Tensor, win: _Windows, batch: StepBatch,
-                    rnn: RNNStatePool, histories: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, _Windows]:
+                    rnn: RNNStatePool, histories: list["_History"]) -> tuple[Tensor, _Windows]:
         w, slots = self.blocks[layer], batch.state_slots
         out_starts = [self._window_start(j, T, batch.all_logits) for T in win.lens]
         q_starts = [max(0, s - 1) if not batch.all_logits else 0 for s in out_starts]
@@ -200,32 +229,34 @@ class GoldFinchModel:
         rnn.tmix_shift[layer, slots] = last
         q_win = _Windows(q_starts, win.lens)
         x_mid, _, _ = _select_with_prev(x, win, q_starts, torch.zeros_like(x[: len(win.lens)]))
-        x_mid = x_mid + self._gold_attention(w, L.gold_query(cur, prev, w), q_win, batch, histories)
+        x_mid = x_mid + self._gold_attention(j, w, L.gold_query(cur, prev, w), q_win, batch, histories)
         xb = L.layer_norm(x_mid, w, "ln2")
         cur, prev, last = _select_with_prev(xb, q_win, out_starts, rnn.cmix_shift[layer, slots])
         rnn.cmix_shift[layer, slots] = last
         x_out, _, _ = _select_with_prev(x_mid, q_win, out_starts, torch.zeros_like(x[: len(win.lens)]))
         return x_out + L.channel_mix(cur, prev, w), _Windows(out_starts, win.lens)
 
-    def _gold_attention(self, w: L.LayerWeights, q: Tensor, q_win: _Windows, batch: StepBatch,
-                        histories: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def _gold_attention(self, j: int, w: L.LayerWeights, q: Tensor, q_win: _Windows, batch: StepBatch,
+                        histories: list["_History"]) -> Tensor:
         """Each query row attends over its sequence's whole history, end-aligned causal."""
         cfg = self.config
         H, D = cfg.n_head, cfg.head_size
         outs, base = [], 0
         for i, (s, T) in enumerate(zip(q_win.starts, q_win.lens)):
             n_q, ctx = T - s, batch.context_lens[i]
-            keys, values = L.gold_keys_values(*histories[i], w)
+            keys, values = self._layer_keys_values(j, w, histories[i])
             n_k = keys.shape[0]
             qi = q[base: base + n_q].view(n_q, H, D)
             ki, vi = keys.view(n_k, H, D), values.view(n_k, H, D)
             q_pos = torch.arange(ctx + s, ctx + T, device=q.device)
             if cfg.rope is not None:
                 qi = L.rotary(qi, q_pos, cfg.rope.theta, cfg.rope.rescale)
-                ki = L.rotary(ki, torch.arange(n_k, device=q.device), cfg.rope.theta, cfg.rope.rescale)
-            visible = torch.arange(n_k, device=q.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-                                               attn_mask=visible)
+            if n_q == 1:  # decode: the one query sees every key
+                o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
+            else:
+                visible = torch.arange(n_k, device=q.device)[None, :] <= q_pos[:, None]
+                o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
+                                                   attn_mask=visible)
             outs.append(o.transpose(0, 1).reshape(n_q, H * D))
             self.gold_work.query_rows += n_q
             self.gold_work.key_rows += n_q * n_k
@@ -253,6 +284,17 @@ class GoldFinchModel:
                           all_logits=all_logits)
         logits = self.step(batch, state.rnn, state.keys)
         return (logits.view(B, T, -1) if all_logits else logits), state
+
+
+@dataclass
+class _History:
+    """A sequence's keys source for one step: proto-keys and token values of positions
+    [start, ctx + q), and its K/V working set if it has one."""
+
+    proto_keys: Tensor
+    token_values: Tensor
+    start: int
+    working_set: object | None = None
 
 
 @dataclass

@@ -5,15 +5,19 @@ import torch
 from torch import Tensor
 
 from .cache_manager import CacheManager
+from .kv_working_set import WorkingSetManager
 from .model import GoldFinchModel, StepBatch
 from .scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: GoldFinchModel, cache: CacheManager) -> None:
+    def __init__(self, model: GoldFinchModel, cache: CacheManager, working_set_bytes: int = 0) -> None:
         self.model = model
         self.cache = cache
         self.device = model.device
+        mc = model.config
+        self.working_sets = (WorkingSetManager(mc.n_gold, mc.dim_att, model.dtype, model.device, working_set_bytes)
+                             if working_set_bytes > 0 else None)
 
     def build_batch(self, sched: SchedulerOutput) -> StepBatch:
         tokens: list[int] = []
@@ -32,8 +36,11 @@ class ModelRunner:
         """Runs the step; returns the logits of each scheduled sequence's last new token [B, V]
         (float32). Advances `num_computed_tokens` only after the step succeeded."""
         batch = self.build_batch(sched)
-        view = self.cache.step_view([s.seq for s in sched.scheduled], list(batch.context_lens),
-                                    list(batch.query_lens))
+        seqs = [s.seq for s in sched.scheduled]
+        view = self.cache.step_view(seqs, list(batch.context_lens), list(batch.query_lens))
+        if self.working_sets is not None:
+            view.working_sets = self.working_sets.for_step(
+                seqs, [c + q for c, q in zip(batch.context_lens, batch.query_lens)])
         logits = self.model.step(batch, self.cache.rnn, view)
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens

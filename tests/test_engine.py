@@ -197,3 +197,30 @@ def test_failed_step_fails_only_its_requests():
         engine.step()
     assert b not in engine.requests
     assert_idle(engine)
+
+
+@pytest.mark.parametrize("case", ["goldfinch_l6_d128", "goldfinch_rope_l6_d128", "goldfinch_upgrade_l6_d256"])
+@pytest.mark.parametrize("working_set_bytes", [0, 40_000, 64 << 20])
+def test_kv_working_sets_change_nothing(case, working_set_bytes):
+    """Materialised per-layer K/V (all, some sequences, none: derive every step) give the plain path's
+    tokens; 40 KB holds a working set or two, so sets are refused and dropped as sequences grow."""
+    model = load_model(case)
+    engine = LLMEngine(model, None, EngineConfig(cache_tokens=4096, check_integrity=True,
+                                                 kv_working_set_bytes=working_set_bytes, max_num_batched_tokens=32))
+    if engine.runner.working_sets is not None:
+        engine.runner.working_sets.min_capacity = 16  # small sets, so that growth meets the budget
+    ps = prompts(4, seed=40, lo=5, hi=50)
+    outs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        logits, state = model.forward(torch.tensor([p]))
+        want = []
+        for _ in range(8):
+            want.append(int(logits[0].argmax()))
+            logits, state = model.forward(torch.tensor([[want[-1]]]), state)
+        assert o.outputs[0].token_ids == want
+    ws = engine.runner.working_sets
+    assert (ws is None) == (working_set_bytes == 0)
+    if ws is not None:
+        assert ws.used_bytes() <= working_set_bytes and ws.num_created > 0
+        if working_set_bytes == 40_000:
+            assert ws.num_dropped_over_budget > 0
