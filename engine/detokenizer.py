@@ -8,6 +8,7 @@ tokenizer: ``"".join(pushes) + flush() == tokenizer.decode(all ids)``.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence
 
 from engine.tokenizer import Tokenizer
 
@@ -24,10 +25,10 @@ class _ByteStream:
     sequence as soon as it cannot, so invalid bytes come out as U+FFFD without stalling.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, continuation: bool = False) -> None:
         self._tok = tokenizer
         self._pending = b""
-        self._at_start = True
+        self._at_start = not continuation  # a completion continues its prompt's text
 
     def push(self, token_id: int) -> str:
         if self._tok.breaks_char(token_id):
@@ -58,6 +59,14 @@ class _PrefixStream:
         self._done = 0  # chars of decode(_ids[_start:]) already emitted
         self._held_since = 0  # len(_ids) when everything was last emitted
         self._text: list[str] = []
+        self._prefix_text = ""  # decode of the primed context ids (never emitted)
+
+    def prime(self, context_ids: list[int]) -> None:
+        """Starts after `context_ids` (text already shown elsewhere: a completion's prompt)."""
+        self._ids = list(context_ids)
+        self._prefix_text = self._tok.decode(self._ids) if self._ids else ""
+        self._done = len(self._prefix_text)
+        self._held_since = len(self._ids)
 
     def push(self, token_id: int) -> str:
         self._tok.check_id(token_id)
@@ -82,7 +91,7 @@ class _PrefixStream:
 
     def flush(self) -> str:
         """Reconcile with a full decode, which is exact whenever decode is prefix-stable."""
-        emitted, full = "".join(self._text), self._tok.decode(self._ids)
+        emitted, full = self._prefix_text + "".join(self._text), self._tok.decode(self._ids)
         window = self._tok.decode(self._ids[self._start :])
         tail = full[len(emitted) :] if full.startswith(emitted) else window[self._done :]
         self._done, self._held_since = len(window), len(self._ids)
@@ -97,9 +106,15 @@ class IncrementalDetokenizer:
     returns the rest, with U+FFFD for dangling bytes; ``text`` is everything emitted.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
+        """`prompt_ids`: the text being continued (a completion's prompt), so that a first token's
+        leading space or a character split across the boundary comes out as in the full text."""
         self.tokenizer = tokenizer
-        self._stream = _ByteStream(tokenizer) if tokenizer.byte_exact else _PrefixStream(tokenizer)
+        if tokenizer.byte_exact:
+            self._stream = _ByteStream(tokenizer, continuation=bool(prompt_ids))
+        else:
+            self._stream = _PrefixStream(tokenizer)
+            self._stream.prime(list(prompt_ids)[-_PREFIX_WINDOW:])
         self._parts: list[str] = []
 
     def push(self, token_id: int) -> str:

@@ -35,7 +35,7 @@ class Request:
     @classmethod
     def create(cls, request_id: str, prompt: list[int], params: SamplingParams, first: Sequence,
                tokenizer: Tokenizer | None, eos_token_id: int | None, session=None) -> "Request":
-        samples = [SampleState(IncrementalDetokenizer(tokenizer) if tokenizer else None,
+        samples = [SampleState(IncrementalDetokenizer(tokenizer, prompt) if tokenizer else None,
                                StopChecker.from_params(params, eos_token_id)) for _ in range(params.n)]
         output = RequestOutput(request_id=request_id, prompt_token_ids=prompt,
                                outputs=[CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)

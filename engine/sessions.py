@@ -50,7 +50,9 @@ class Session:
 
     @property
     def location(self) -> str:
-        return "device" if self.on_device else ("host" if self.host_copy is not None else "empty")
+        if self.on_device or self.absorbing:  # absorbing: its finishing sequence holds it on the device
+            return "device"
+        return "host" if self.host_copy is not None else "empty"
 
     def host_bytes(self) -> int:
         if self.host_copy is None:

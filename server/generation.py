@@ -81,6 +81,7 @@ async def stream_updates(state: ServerState, prompts: list, params: SamplingPara
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # they leave their iterators first
         for it in iterators:
             await it.aclose()
 

@@ -42,10 +42,17 @@ def make_router(state: ServerState, auth) -> APIRouter:
                 return []
 
         held = await state.require_engine().call(session_tokens)
-        held_text = tok.decode(held) if held else ""
-        if held and text.startswith(held_text) and len(text) > len(held_text):
+        if not held:
+            return prompts
+        fresh = tok.encode(text)
+        if len(fresh) > len(held) and fresh[: len(held)] == held:  # the usual case: ids line up
+            return [fresh]
+        # the conversation's text goes on from the session's, but its tokens split differently at
+        # the seam (a reply re-tokenised with what follows): keep the session's ids, encode the rest
+        held_text = tok.decode(held)
+        if text.startswith(held_text) and len(text) > len(held_text):
             return [held + tok.encode(text[len(held_text):])]
-        return prompts
+        return [fresh]
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, owner=Depends(auth)):

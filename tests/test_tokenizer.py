@@ -406,3 +406,20 @@ def test_out_of_range_ids_raise_value_error(request, which):
             tok.decode([1, bad])
         with pytest.raises(ValueError, match=str(bad)):
             IncrementalDetokenizer(tok).push(bad)
+
+
+def test_detokenizer_continues_a_prompt_exactly(tmp_path):
+    """A completion's text is what decoding prompt + completion adds to the prompt's text (the
+    first generated token keeps its leading space)."""
+    from server_harness import train_tokenizer
+
+    tok = load_tokenizer(train_tokenizer(tmp_path))
+    rng = random.Random(5)
+    for _ in range(50):
+        prompt = tok.encode(rng.choice(["to be or", "the quick", "naïve", "東京"]))
+        out = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))]
+        d = IncrementalDetokenizer(tok, prompt)
+        streamed = "".join(d.push(t) for t in out) + d.flush()
+        full = tok.decode(prompt + out)
+        assert full.startswith(tok.decode(prompt))
+        assert tok.decode(prompt) + streamed == full
