@@ -46,17 +46,25 @@ def card_roofline() -> dict:
     return {"copy_GBps": 2 * n / t / 1e9, "bf16_TFLOPs": 2 * 8192 ** 3 / tm / 1e12}
 
 
-def bench_prefill(model: GoldFinchModel, lengths: list[int], deadline: float) -> list[dict]:
+def bench_prefill(model: GoldFinchModel, lengths: list[int], deadline: float, chunk: int = 131072) -> list[dict]:
+    """One request per length; prompts longer than `chunk` are fed in chunks with the state carried
+    (chunked prefill: a 1M-token pass in one piece would need ~60 GB of activations)."""
     out = []
     for T in lengths:
         if time.monotonic() > deadline:
             out.append({"T": T, "skipped": "time budget"})
             continue
         tokens = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
+
+        def run():
+            state = None
+            for start in range(0, T, chunk):
+                _, state = model.forward(tokens[:, start:start + chunk], state)
+
         try:
             torch.cuda.reset_peak_memory_stats()
-            t = timed(lambda: model.forward(tokens), 1)
-            out.append({"T": T, "seconds": t, "tok_per_s": T / t,
+            t = timed(run, 1) if T <= chunk else _once(run)
+            out.append({"T": T, "seconds": t, "tok_per_s": T / t, "chunk": min(T, chunk),
                         "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30})
         except torch.OutOfMemoryError as exc:
             out.append({"T": T, "skipped": f"out of memory: {str(exc)[:80]}"})
@@ -65,25 +73,51 @@ def bench_prefill(model: GoldFinchModel, lengths: list[int], deadline: float) ->
     return out
 
 
+def _once(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: float, steps: int = 16) -> list[dict]:
+    """Decode through the engine (scheduler, sampler, paged pool, K/V working sets): `batch`
+    requests with `ctx`-token prompts; after every prompt is prefilled, `steps` steps are timed."""
+    from engine.config_engine import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
     out = []
     for batch, ctx in cases:
         if time.monotonic() > deadline:
             out.append({"batch": batch, "context": ctx, "skipped": "time budget"})
             continue
+        engine = None
         try:
-            tokens = torch.randint(0, model.config.vocab_size, (batch, ctx), device="cuda")
-            _, state = model.forward(tokens)
-            nxt = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+            engine = LLMEngine(model, None, EngineConfig(
+                max_num_seqs=batch, max_num_batched_tokens=max(ctx, 8192), max_model_len=ctx + steps + 8,
+                cache_tokens=batch * (ctx + steps + 16), gpu_memory_fraction=0.3))
+            gen = torch.Generator().manual_seed(batch)
+            for _ in range(batch):
+                engine.add_request(torch.randint(0, model.config.vocab_size, (ctx,), generator=gen).tolist(),
+                                   SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
+            while any(s.is_prefilling or not s.output_token_ids for s in engine.scheduler.running) \
+                    or engine.scheduler.waiting:
+                engine.step()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(steps):
-                _, state = model.forward(nxt, state)
+                engine.step()
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / steps
-            out.append({"batch": batch, "context": ctx, "step_ms": dt * 1e3, "tok_per_s": batch / dt})
+            ws = engine.runner.working_sets
+            out.append({"batch": batch, "context": ctx, "step_ms": dt * 1e3, "tok_per_s": batch / dt,
+                        "working_sets": len(ws) if ws else 0,
+                        "working_set_GiB": (ws.used_bytes() / 2 ** 30) if ws else 0.0})
         except torch.OutOfMemoryError as exc:
             out.append({"batch": batch, "context": ctx, "skipped": f"out of memory: {str(exc)[:80]}"})
+        del engine
         torch.cuda.empty_cache()
         print(json.dumps({"decode": out[-1]}), flush=True)
     return out
@@ -152,7 +186,8 @@ def main() -> None:
     args = ap.parse_args()
     start = time.monotonic()
     deadline = start + args.budget_s
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("GOLDFINCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"card": torch.cuda.get_device_name(), "commit": commit or "unknown",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "roofline": card_roofline()}
