@@ -1,0 +1,1 @@
+"""Developer tools outside the serving path (training the demo model, data preparation)."""
