@@ -74,6 +74,24 @@ def graph_ms(fn, inner=50, repeats=20) -> float:
     return median_ms(graph.replay, warmup=3, repeats=repeats) / inner
 
 
+def kernel_breakdown_us(fn, calls=3) -> dict[str, float]:
+    """Device time per call of each kernel `fn` launches (torch.profiler), in microseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key[:60]] = round(t / calls, 2)
+    return out
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy."""
     x = torch.randn(2 ** 28, device="cuda")
@@ -116,6 +134,11 @@ def bench_decode(batches, bw, quick):
         except Exception as e:  # noqa: BLE001  (no graph: fall back to the eager time)
             row["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             row["triton_graph_us"] = row["triton_eager_us"]
+        if B in (1, 256):
+            try:
+                row["kernels_us"] = kernel_breakdown_us(fn, calls=20)
+            except Exception as e:  # noqa: BLE001
+                row["kernels_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         row["reference_us"] = median_ms(lambda: wkv6_step(r, k, v, w, u, pool, slots), repeats=10 if quick else 20) * 1e3
         if fused_recurrent_rwkv6 is not None:
             def fla_step():
@@ -169,6 +192,11 @@ def bench_prefill(lengths, bw, quick, packed=None):
         fn = lambda: wkv6_prefill(r, k, v, w, u, cu, pool, slots)  # noqa: E731
         row["triton_ms"] = median_ms(fn, warmup=3, repeats=10 if quick else 20)
         row["triton_Mtok_s"] = T / (row["triton_ms"] * 1e-3) / 1e6
+        if T >= 65536:
+            try:
+                row["kernels_us"] = kernel_breakdown_us(fn)
+            except Exception as e:  # noqa: BLE001
+                row["kernels_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         if chunk_rwkv6 is not None:
             cu_t = torch.tensor(cu, device="cuda", dtype=torch.long)
 
@@ -206,12 +234,13 @@ def bench_precisions(T, quick):
     y_ref, s_ref = wkv6_chunked(rs[None], ks[None], vs[None], ws[None], u, p_ref[slots])
     original = prefill_mod._precision
     try:
-        for prec in ("ieee", "tf32x3", "tf32"):
+        for prec in ("tf32x3", "tf32", "ieee"):
             prefill_mod._precision = lambda dtype, prec=prec: prec
             p = pool.clone()
             y = wkv6_prefill(rs, ks, vs, ws, u, [0, 4096], p, slots)
             row = {"precision": prec, "rel_err_y_4k": rel_err(y, y_ref[0]), "rel_err_state_4k": rel_err(p[slots], s_ref)}
-            row["ms"] = median_ms(lambda: wkv6_prefill(r, k, v, w, u, [0, T], pool, slots), warmup=2,
+            scratch = pool.clone()  # timing overwrites the slot's state
+            row["ms"] = median_ms(lambda: wkv6_prefill(r, k, v, w, u, [0, T], scratch, slots), warmup=2,
                                   repeats=5 if quick else 10)
             row["Mtok_s"] = T / (row["ms"] * 1e-3) / 1e6
             rows.append(row)

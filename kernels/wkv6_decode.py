@@ -55,41 +55,36 @@ def wkv6_decode_fwd_kernel(
              b_y.to(y_ptr.dtype.element_ty), mask=m_v)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _pick_block_v(N: int, H: int, V: int, device: torch.device) -> int:
-    """Wide V tiles when there are enough (sequence, head) pairs to fill the chip, narrow ones to
-    spread a small batch over more multiprocessors."""
-    BV = triton.next_power_of_2(V)
-    if device.type != "cuda":
-        return min(BV, 32)
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    while BV > 16 and N * H * triton.cdiv(V, BV) < 2 * sms:
-        BV //= 2
-    return min(BV, 64)
+@functools.lru_cache(maxsize=None)
+def _config(N: int, H: int, K: int, V: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BK, BV, V tiles, num_warps): wide V tiles when there are enough (sequence, head) pairs to
+    fill the chip, narrow ones to spread a small batch over more multiprocessors. Cached: the decode
+    path is launch-bound at small batch, and every microsecond of Python counts."""
+    BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        while BV > 16 and N * H * -(-V // BV) < 2 * sms:
+            BV //= 2
+        BV = min(BV, 64)
+    else:
+        BV = min(BV, 32)
+    return BK, BV, -(-V // BV), 4 if BK * BV >= 2048 else 2
 
 
 def wkv6_decode_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state_pool: Tensor,
                     slots: Tensor) -> Tensor:
-    """The launcher: inputs already checked; r/k/w/v with a contiguous last dim."""
+    """The launcher: inputs already checked; r/k/w/v with a contiguous last dim, u contiguous."""
     N, H, K = r.shape
     V = v.shape[-1]
     y = torch.empty((N, H, V), dtype=r.dtype, device=r.device)
     if N == 0:
         return y
-    BK = triton.next_power_of_2(K)
-    BV = _pick_block_v(N, H, V, r.device)
-    grid = (N, H, triton.cdiv(V, BV))
-    wkv6_decode_fwd_kernel[grid](
+    BK, BV, NV, num_warps = _config(N, H, K, V, r.device)
+    rs, ks, ws, vs, ys, ss = r.stride(), k.stride(), w.stride(), v.stride(), y.stride(), state_pool.stride()
+    wkv6_decode_fwd_kernel[(N, H, NV)](
         r, k, v, w, u, y, state_pool, slots,
-        r.stride(0), r.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
-        v.stride(0), v.stride(1), y.stride(0), y.stride(1),
-        state_pool.stride(0), state_pool.stride(1),
-        K=K, V=V, BK=BK, BV=BV,
-        num_warps=4 if BK * BV >= 2048 else 2,
+        rs[0], rs[1], ks[0], ks[1], ws[0], ws[1], vs[0], vs[1], ys[0], ys[1], ss[0], ss[1],
+        K=K, V=V, BK=BK, BV=BV, num_warps=num_warps,
     )
     return y
 
@@ -113,12 +108,14 @@ def wkv6_decode(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state_poo
     if state_pool.dtype != torch.float32 or state_pool.dim() != 4 or state_pool.shape[1:] != (H, K, V):
         raise ValueError(f"state_pool must be float32 [S, H, K, V] = [S, {H}, {K}, {V}]; "
                          f"got {state_pool.dtype} {tuple(state_pool.shape)}")
-    if state_pool.stride(3) != 1 or state_pool.stride(2) != V:
+    if state_pool.stride()[2:] != (V, 1):
         raise ValueError("state_pool must be contiguous in its [K, V] dims")
     if slots.shape != (N,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be an integer tensor [N] = [{N}], got {slots.dtype} {tuple(slots.shape)}")
-    tensors = (r, k, v, w, u, state_pool, slots)
-    if len({t.device for t in tensors}) != 1:
+    device = r.device
+    if not (k.device == v.device == w.device == u.device == state_pool.device == slots.device == device):
+        tensors = (r, k, v, w, u, state_pool, slots)
         raise ValueError(f"all tensors must be on one device; got {[str(t.device) for t in tensors]}")
-    r, k, v, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (r, k, v, w))
-    return wkv6_decode_fwd(r, k, v, w, u.contiguous(), state_pool, slots)
+    if r.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or w.stride(-1) != 1:
+        r, k, v, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (r, k, v, w))
+    return wkv6_decode_fwd(r, k, v, w, u if u.is_contiguous() else u.contiguous(), state_pool, slots)

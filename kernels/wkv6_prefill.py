@@ -3,27 +3,30 @@
 Sequence b owns tokens [cu_seqlens[b], cu_seqlens[b+1]) of the packed inputs and the state
 `state_pool[slots[b]]`, which is read as the initial state and overwritten with the final one.
 
-Two kernels, chunks of BT = 64 tokens split into sub-chunks of BC = 16:
+Chunks of BT = 64 tokens, split into sub-chunks of BC = 16; four kernels, only the third of which
+walks a sequence, and it only streams:
 
-1. `wkv6_prefill_state_fwd_kernel`, one program per (sequence, head, K tile, V tile), walks its
-   sequence chunk by chunk, stores the state at each chunk start into `h` [NT, H, K, V] and
-   advances it: S <- diag(exp(A_end)) S + (k * exp(A_end - A))^T v, where A is the log decay
-   accumulated inside the chunk; every factor is exp(<= 0).
-2. `wkv6_prefill_fwd_kernel`, one program per (chunk, V tile, head), all in parallel:
-   y = (r * exp(A_before)) h_chunk                      (the carried state)
-     + sum over earlier sub-chunks j of (q k_j^T) v_j     (factorised through the boundary after j)
-     + the diagonal sub-chunk, each pair (t, s) with its own exp(A_{t-1} - A_s)
-     + (r . u . k) v                                     (the current-token bonus).
-   For a pair t in sub-chunk i, s in an earlier sub-chunk j, the decay exp(A_{t-1} - A_s) splits
-   at the end of sub-chunk j into exp(A_{t-1} - A_ref) * exp(A_ref - A_s), both <= 1, so nothing
-   overflows however strong the decays are; inside a sub-chunk each pair gets its own exponent, as in
-   `wkv6_chunked`. The accumulated decays are summed in float64 (as the reference does) and only
-   their differences, all <= 0, are rounded to float32; products accumulate in float32.
+1. `wkv6_prefill_intra_fwd_kernel`, one program per (chunk, head, pair of sub-chunks i >= j): the
+   block (i, j) of the chunk's attention matrix att[t, s] = sum_k r_tk exp(sum_{s<j'<t} w_j'k) k_sk
+   (s < t). For j < i the decay splits at the end of sub-chunk j into two factors <= 1, one for t
+   and one for s, and the block is one matrix product; for i = j each pair gets its own exponent.
+2. `wkv6_prefill_chunk_fwd_kernel`, one program per (chunk, head, V tile): what the chunk adds to
+   the state, dS = sum_s (k_s exp(sum_{j>s} w_j)) v_s^T, into `h`, and its decay exp(sum w).
+3. `wkv6_prefill_scan_fwd_kernel`, one program per (sequence, head, K tile): S <- decay * S + dS
+   chunk by chunk, several chunks' loads in flight, leaving in `h` the state at each chunk start
+   and the final state in the pool.
+4. `wkv6_prefill_fwd_kernel`, one program per (chunk, head, V tile):
+   y_t = (r_t exp(sum_{j<t} w_j)) h_chunk + sum_{s<t} att[t, s] v_s + (r_t . u . k_t) v_t.
+
+Exactness: w <= 0, so a sum of w's is always well conditioned; only the difference of two prefix
+sums (A_{t-1} - A_s) loses digits when they are large. Every exponent here is summed directly over
+the tokens it spans (scans over w shifted by one token, in float32) and never taken as a difference,
+which is as exact as the reference's float64 prefix sums, and never positive, so nothing overflows.
+Products accumulate in float32; matrix products use three-pass tf32 (about float32
+accuracy, on the tensor cores).
 """
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Sequence
 
 import torch
@@ -32,172 +35,197 @@ import triton.language as tl
 from torch import Tensor
 
 BT = 64  # chunk: the state is materialised once per chunk
-BC = 16  # sub-chunk: the granularity of the intra-chunk products
-BD = 16  # key channels per step of the diagonal sub-chunk's pairwise decays
+BC = 16  # sub-chunk: the blocks of the intra-chunk attention
+BD = 8  # key channels per step of a diagonal block's pairwise decays
 
 
 @triton.jit
-def wkv6_prefill_state_fwd_kernel(
-    k_ptr, v_ptr, w_ptr, h_ptr, state_ptr, slots_ptr, cu_ptr, chunk_offsets_ptr,
-    stride_kt, stride_kh, stride_wt, stride_wh, stride_vt, stride_vh, stride_ss, stride_sh,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr, F64: tl.constexpr,
+def wkv6_prefill_intra_fwd_kernel(
+    r_ptr, k_ptr, w_ptr, att_ptr, cu_ptr, chunk_indices_ptr,
+    stride_rt, stride_rh, stride_kt, stride_kh, stride_wt, stride_wh,
+    H: tl.constexpr, K: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos = tl.load(cu_ptr + i_b).to(tl.int64)
-    eos = tl.load(cu_ptr + i_b + 1).to(tl.int64)
-    boc = tl.load(chunk_offsets_ptr + i_b).to(tl.int64)
-    slot = tl.load(slots_ptr + i_b).to(tl.int64)
-
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]
-    p_s = state_ptr + slot * stride_ss + i_h * stride_sh + o_kv
-    b_s = tl.load(p_s, mask=m_kv, other=0.)
-
-    o_t = tl.arange(0, BT)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    for i_t in range(0, n_chunks):
-        tl.store(h_ptr + ((boc + i_t) * H + i_h) * (K * V) + o_kv, b_s, mask=m_kv)
-        rows = bos + i_t * BT + o_t
-        m_t = rows < eos
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_k = tl.load(k_ptr + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=m_tk, other=0.)
-        b_w = tl.load(w_ptr + rows[:, None] * stride_wt + i_h * stride_wh + o_k[None, :], mask=m_tk, other=0.)
-        b_v = tl.load(v_ptr + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :],
-                      mask=m_t[:, None] & m_v[None, :], other=0.)
-        if F64:
-            b_w = b_w.to(tl.float64)
-        else:
-            b_w = b_w.to(tl.float32)
-        b_A = tl.cumsum(b_w, axis=0)  # decay accumulated through each token, inclusive
-        b_A_end = tl.sum(b_w, axis=0)
-        # each token's k decayed to the chunk end: exp(A_end - A_s) <= 1
-        b_kd = b_k.to(tl.float32) * tl.exp((b_A_end[None, :] - b_A).to(tl.float32))
-        b_s = b_s * tl.exp(b_A_end.to(tl.float32))[:, None]
-        b_s += tl.dot(tl.trans(b_kd), b_v.to(tl.float32), input_precision=PRECISION)
-    tl.store(p_s, b_s, mask=m_kv)
-
-
-@triton.jit
-def wkv6_prefill_fwd_kernel(
-    r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, h_ptr, cu_ptr, chunk_indices_ptr,
-    stride_rt, stride_rh, stride_kt, stride_kh, stride_wt, stride_wh, stride_vt, stride_vh,
-    stride_yt, stride_yh,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
-    PRECISION: tl.constexpr, F64: tl.constexpr,
-):
-    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_i, i_j = i_p // (BT // BC), i_p % (BT // BC)
     i_b = tl.load(chunk_indices_ptr + 2 * i_c)
     i_t = tl.load(chunk_indices_ptr + 2 * i_c + 1).to(tl.int64)
     bos = tl.load(cu_ptr + i_b).to(tl.int64)
     eos = tl.load(cu_ptr + i_b + 1).to(tl.int64)
     t0 = bos + i_t * BT
+    if (i_j > i_i) or (t0 + i_i * BC >= eos):  # above the diagonal, or past the sequence end
+        return
 
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
     o_c = tl.arange(0, BC)
-    m_k, m_v = o_k < K, o_v < V
-    b_h = tl.load(h_ptr + (i_c.to(tl.int64) * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.)
-    b_u = tl.load(u_ptr + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32)
-
-    n_sub = tl.cdiv(tl.minimum(eos - t0, BT), BC)
-    for i in range(0, n_sub):
-        rows = t0 + i * BC + o_c
-        m_t = rows < eos
+    rows = t0 + i_i * BC + o_c
+    m_t = rows < eos
+    p_att = att_ptr + ((i_c.to(tl.int64) * H + i_h) * BT + i_i * BC + o_c[:, None]) * BT + i_j * BC + o_c[None, :]
+    if i_i > i_j:
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_r = tl.load(r_ptr + rows[:, None] * stride_rt + i_h * stride_rh + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-        b_k = tl.load(k_ptr + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-        b_w = tl.load(w_ptr + rows[:, None] * stride_wt + i_h * stride_wh + o_k[None, :], mask=m_tk, other=0.)
-        b_v = tl.load(v_ptr + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-        if F64:
-            b_w = b_w.to(tl.float64)
-        else:
-            b_w = b_w.to(tl.float32)
-        b_A = tl.cumsum(b_w, axis=0)  # from the sub-chunk start through each token
-        b_Ab = b_A - b_w  # ... through the token before
-        b_q = b_r * tl.exp(b_Ab.to(tl.float32))
-        b_y = tl.zeros([BC, BV], dtype=tl.float32)
-
-        # earlier sub-chunks of this chunk, nearest first; b_D sums the decays of the sub-chunks
-        # strictly between j and i
-        b_D = tl.zeros([BK], dtype=b_w.dtype)
-        for jj in range(0, i):
-            j = i - 1 - jj
-            rows_j = t0 + j * BC + o_c  # all inside the sequence: sub-chunk i starts after them
-            b_kj = tl.load(k_ptr + rows_j[:, None] * stride_kt + i_h * stride_kh + o_k[None, :],
-                           mask=m_k[None, :], other=0.).to(tl.float32)
-            b_wj = tl.load(w_ptr + rows_j[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
-                           mask=m_k[None, :], other=0.).to(b_w.dtype)
-            b_vj = tl.load(v_ptr + rows_j[:, None] * stride_vt + i_h * stride_vh + o_v[None, :],
-                           mask=m_v[None, :], other=0.).to(tl.float32)
-            b_sum_j = tl.sum(b_wj, axis=0)
-            # exp(A_ref - A_s), A_ref the decay through the end of sub-chunk i-1, and the
-            # sub-chunks between: everything up to the row of sub-chunk i (where b_q takes over)
-            b_kdj = b_kj * tl.exp(((b_D + b_sum_j)[None, :] - tl.cumsum(b_wj, axis=0)).to(tl.float32))
-            b_att = tl.dot(b_q, tl.trans(b_kdj), input_precision=PRECISION)
-            b_y += tl.dot(b_att, b_vj, input_precision=PRECISION)
-            b_D += b_sum_j
-
-        # the state carried into the chunk, decayed from the chunk start: b_D now sums all earlier
-        # sub-chunks
-        b_y += tl.dot(b_r * tl.exp((b_D[None, :] + b_Ab).to(tl.float32)), b_h, input_precision=PRECISION)
-
-        # the diagonal sub-chunk: pairs s < t, each with its own decay exp(A_{t-1} - A_s), taken
-        # BD key channels at a time as a [t, s, BD] block
-        b_att = tl.zeros([BC, BC], dtype=tl.float32)
+        b_r = tl.load(r_ptr + rows[:, None] * stride_rt + i_h * stride_rh + o_k[None, :], mask=m_tk, other=0.)
+        # w of the token before, within the sub-chunk: its scan is sum_{start_i <= j < t} w_j
+        b_wp = tl.load(w_ptr + (rows - 1)[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
+                       mask=m_tk & (o_c >= 1)[:, None], other=0.)
+        b_q = b_r.to(tl.float32) * tl.exp(tl.cumsum(b_wp.to(tl.float32), axis=0))
+        rows_j = t0 + i_j * BC + o_c  # sub-chunk j lies before sub-chunk i: all inside the sequence
+        b_k = tl.load(k_ptr + rows_j[:, None] * stride_kt + i_h * stride_kh + o_k[None, :],
+                      mask=m_k[None, :], other=0.)
+        # w of the token after, within the sub-chunk: its reversed scan is sum_{s < j <= end_j} w_j
+        b_wn = tl.load(w_ptr + (rows_j + 1)[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
+                       mask=m_k[None, :] & (o_c < BC - 1)[:, None], other=0.)
+        # the sub-chunks strictly between j and i
+        o_t = tl.arange(0, BT)
+        m_mid = (o_t >= (i_j + 1) * BC) & (o_t < i_i * BC)
+        b_wm = tl.load(w_ptr + (t0 + o_t)[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
+                       mask=m_mid[:, None] & m_k[None, :], other=0.)
+        b_after = tl.sum(b_wm.to(tl.float32), axis=0)[None, :] + tl.cumsum(b_wn.to(tl.float32), axis=0, reverse=True)
+        b_kd = b_k.to(tl.float32) * tl.exp(b_after)
+        b_att = tl.dot(b_q, tl.trans(b_kd), input_precision=PRECISION)
+    else:
+        # a diagonal block, BD key channels at a time as [t, s, BD]: the scan over t of the shifted
+        # w, restricted to t > s + 1, is sum_{s<j<t} w_j
         m_ts = (o_c[:, None] > o_c[None, :])[:, :, None]
+        m_scan = (o_c[:, None] > o_c[None, :] + 1)[:, :, None]
+        b_att = tl.zeros([BC, BC], dtype=tl.float32)
         for i_d in range(0, tl.cdiv(K, BD)):
             o_d = i_d * BD + tl.arange(0, BD)
             m_td = m_t[:, None] & (o_d < K)[None, :]
-            b_rd = tl.load(r_ptr + rows[:, None] * stride_rt + i_h * stride_rh + o_d[None, :], mask=m_td, other=0.).to(tl.float32)
-            b_kd = tl.load(k_ptr + rows[:, None] * stride_kt + i_h * stride_kh + o_d[None, :], mask=m_td, other=0.).to(tl.float32)
-            b_wd = tl.load(w_ptr + rows[:, None] * stride_wt + i_h * stride_wh + o_d[None, :], mask=m_td, other=0.).to(b_w.dtype)
-            b_Ad = tl.cumsum(b_wd, axis=0)
-            b_diff = (b_Ad - b_wd)[:, None, :] - b_Ad[None, :, :]  # A_{t-1} - A_s
-            b_e = tl.where(m_ts, tl.exp(tl.minimum(b_diff, 0.).to(tl.float32)), 0.)
-            b_att += tl.sum(b_rd[:, None, :] * b_e * b_kd[None, :, :], axis=2)
-        b_y += tl.dot(b_att, b_v, input_precision=PRECISION)
-
-        # the current token's bonus
-        b_y += tl.sum(b_r * b_u[None, :] * b_k, axis=1)[:, None] * b_v
-        tl.store(y_ptr + rows[:, None] * stride_yt + i_h * stride_yh + o_v[None, :],
-                 b_y.to(y_ptr.dtype.element_ty), mask=m_tv)
+            b_rd = tl.load(r_ptr + rows[:, None] * stride_rt + i_h * stride_rh + o_d[None, :], mask=m_td, other=0.)
+            b_kd = tl.load(k_ptr + rows[:, None] * stride_kt + i_h * stride_kh + o_d[None, :], mask=m_td, other=0.)
+            b_wpd = tl.load(w_ptr + (rows - 1)[:, None] * stride_wt + i_h * stride_wh + o_d[None, :],
+                            mask=m_td & (o_c >= 1)[:, None], other=0.)
+            b_between = tl.cumsum(tl.where(m_scan, b_wpd.to(tl.float32)[:, None, :], 0.), axis=0)
+            b_e = tl.where(m_ts, tl.exp(b_between), 0.)
+            b_att += tl.sum(b_rd.to(tl.float32)[:, None, :] * b_e * b_kd.to(tl.float32)[None, :, :], axis=2)
+    tl.store(p_att, b_att, mask=m_t[:, None])
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+@triton.jit
+def wkv6_prefill_chunk_fwd_kernel(
+    k_ptr, v_ptr, w_ptr, h_ptr, decay_ptr, cu_ptr, chunk_indices_ptr,
+    stride_kt, stride_kh, stride_wt, stride_wh, stride_vt, stride_vh,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = tl.load(chunk_indices_ptr + 2 * i_c)
+    i_t = tl.load(chunk_indices_ptr + 2 * i_c + 1).to(tl.int64)
+    bos = tl.load(cu_ptr + i_b).to(tl.int64)
+    eos = tl.load(cu_ptr + i_b + 1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    rows = bos + i_t * BT + o_t
+    m_t = rows < eos
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    b_k = tl.load(k_ptr + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :],
+                  mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_wn = tl.load(w_ptr + (rows + 1)[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
+                   mask=((o_t < BT - 1) & (rows + 1 < eos))[:, None] & m_k[None, :], other=0.)
+    b_v = tl.load(v_ptr + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :],
+                  mask=m_t[:, None] & m_v[None, :], other=0.)
+    # each token's k decayed to the chunk end: exp(sum of the w after it) <= 1
+    b_kd = b_k.to(tl.float32) * tl.exp(tl.cumsum(b_wn.to(tl.float32), axis=0, reverse=True))
+    b_ds = tl.dot(tl.trans(b_kd), b_v.to(tl.float32), input_precision=PRECISION)
+    p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :]
+    tl.store(p_h, b_ds, mask=m_k[:, None] & m_v[None, :])
+    if i_v == 0:
+        b_w = tl.load(w_ptr + rows[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.)
+        tl.store(decay_ptr + (i_c.to(tl.int64) * H + i_h) * K + o_k, tl.exp(tl.sum(b_w.to(tl.float32), axis=0)),
+                 mask=m_k)
 
 
-# float64 prefix sums of the log decays; turned off (with a warning) if a Triton build cannot
-# compile them, in which case float32 sums are used (exact for ordinary decays)
-_USE_F64 = [True]
+@triton.jit
+def wkv6_prefill_scan_fwd_kernel(
+    h_ptr, decay_ptr, state_ptr, slots_ptr, cu_ptr, chunk_offsets_ptr, stride_ss, stride_sh,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_bh, i_k = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos = tl.load(cu_ptr + i_b)
+    eos = tl.load(cu_ptr + i_b + 1)
+    boc = tl.load(chunk_offsets_ptr + i_b).to(tl.int64)
+    slot = tl.load(slots_ptr + i_b).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < K
+    m_kv = m_k[:, None] & (o_v < V)[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    p_s = state_ptr + slot * stride_ss + i_h * stride_sh + o_kv
+    b_s = tl.load(p_s, mask=m_kv, other=0.)
+    p_h = h_ptr + (boc * H + i_h) * (K * V) + o_kv  # chunk c at + c * H * K * V
+    p_d = decay_ptr + (boc * H + i_h) * K + o_k
+    # h holds each chunk's dS on entry and its start state on exit; loads run three chunks ahead
+    b_ds0 = tl.load(p_h, mask=m_kv & (n_chunks > 0), other=0.)
+    b_d0 = tl.load(p_d, mask=m_k & (n_chunks > 0), other=0.)
+    b_ds1 = tl.load(p_h + H * K * V, mask=m_kv & (n_chunks > 1), other=0.)
+    b_d1 = tl.load(p_d + H * K, mask=m_k & (n_chunks > 1), other=0.)
+    b_ds2 = tl.load(p_h + 2 * H * K * V, mask=m_kv & (n_chunks > 2), other=0.)
+    b_d2 = tl.load(p_d + 2 * H * K, mask=m_k & (n_chunks > 2), other=0.)
+    for c in range(0, n_chunks):
+        b_ds3 = tl.load(p_h + (c + 3) * (H * K * V), mask=m_kv & (c + 3 < n_chunks), other=0.)
+        b_d3 = tl.load(p_d + (c + 3) * (H * K), mask=m_k & (c + 3 < n_chunks), other=0.)
+        tl.store(p_h + c * (H * K * V), b_s, mask=m_kv)
+        b_s = b_d0[:, None] * b_s + b_ds0
+        b_ds0, b_d0, b_ds1, b_d1, b_ds2, b_d2 = b_ds1, b_d1, b_ds2, b_d2, b_ds3, b_d3
+    tl.store(p_s, b_s, mask=m_kv)
 
 
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    try:
-        kernel[grid](*args, F64=_USE_F64[0], **kwargs)
-    except Exception as e:  # compile-time failure: nothing ran yet
-        if not _USE_F64[0]:
-            raise
-        warnings.warn(f"wkv6_prefill: float64 decay sums failed to compile ({type(e).__name__}: "
-                      f"{str(e)[:200]}); using float32")
-        _USE_F64[0] = False
-        kernel[grid](*args, F64=False, **kwargs)
+@triton.jit
+def wkv6_prefill_fwd_kernel(
+    r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, h_ptr, att_ptr, cu_ptr, chunk_indices_ptr,
+    stride_rt, stride_rh, stride_kt, stride_kh, stride_wt, stride_wh, stride_vt, stride_vh,
+    stride_yt, stride_yh,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = tl.load(chunk_indices_ptr + 2 * i_c)
+    i_t = tl.load(chunk_indices_ptr + 2 * i_c + 1).to(tl.int64)
+    bos = tl.load(cu_ptr + i_b).to(tl.int64)
+    eos = tl.load(cu_ptr + i_b + 1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    rows = bos + i_t * BT + o_t
+    m_t = rows < eos
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+
+    b_r = tl.load(r_ptr + rows[:, None] * stride_rt + i_h * stride_rh + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    # w of the token before, within the chunk: its scan is sum_{chunk start <= j < t} w_j
+    b_wp = tl.load(w_ptr + (rows - 1)[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
+                   mask=m_tk & (o_t >= 1)[:, None], other=0.)
+    b_q = b_r * tl.exp(tl.cumsum(b_wp.to(tl.float32), axis=0))
+    b_h = tl.load(h_ptr + (i_c.to(tl.int64) * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.)
+    b_y = tl.dot(b_q, b_h, input_precision=PRECISION)
+
+    b_att = tl.load(att_ptr + ((i_c.to(tl.int64) * H + i_h) * BT + o_t[:, None]) * BT + o_t[None, :],
+                    mask=(o_t[:, None] > o_t[None, :]) & m_t[:, None], other=0.)
+    b_v = tl.load(v_ptr + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+    b_y += tl.dot(b_att, b_v, input_precision=PRECISION)
+
+    # the current token's bonus
+    b_k = tl.load(k_ptr + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_u = tl.load(u_ptr + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_y += tl.sum(b_r * b_u[None, :] * b_k, axis=1)[:, None] * b_v
+    tl.store(y_ptr + rows[:, None] * stride_yt + i_h * stride_yh + o_v[None, :], b_y.to(y_ptr.dtype.element_ty), mask=m_tv)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """Matrix-unit precision of the in-kernel products: IEEE float32 for float32 inputs; for 16-bit
-    inputs three tf32 passes (about float32 accuracy, on the tensor cores)."""
-    return "ieee" if dtype == torch.float32 else "tf32x3"
+    """Matrix-unit precision of the in-kernel products: three tf32 passes (about float32 accuracy,
+    on the tensor cores) whatever the input dtype; IEEE float32 products (CUDA cores) cost more
+    registers than the 64 x 64 tiles leave and spill."""
+    return "tf32x3"
 
 
 def _chunk_tables(lens: list[int], device: torch.device) -> tuple[Tensor, Tensor, int]:
@@ -221,34 +249,31 @@ def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens
     if B == 0:
         return y
     chunk_offsets, chunk_indices, NT = _chunk_tables(lens, r.device)
-    h = torch.empty((max(NT, 1), H, K, V), dtype=torch.float32, device=r.device)
     precision = _precision(r.dtype)
-    BKf = triton.next_power_of_2(K)
-
-    # state pass: spread over K and V tiles until the chip is busy
-    BK, BV = min(BKf, 64), min(triton.next_power_of_2(V), 64)
-    sms = _num_sms(r.device.index if r.device.index is not None else torch.cuda.current_device()) \
-        if r.is_cuda else 1
-    while B * H * triton.cdiv(K, BK) * triton.cdiv(V, BV) < sms and max(BK, BV) > 16:
-        if BV >= BK:
-            BV //= 2
-        else:
-            BK //= 2
-    _launch(wkv6_prefill_state_fwd_kernel, (B * H, triton.cdiv(K, BK), triton.cdiv(V, BV)),
-            k, v, w, h, state_pool, slots, cu_seqlens, chunk_offsets,
+    BK, BVf = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    BV = min(BVf, 64)
+    h = torch.empty((max(NT, 1), H, K, V), dtype=torch.float32, device=r.device)
+    decay = torch.empty((max(NT, 1), H, K), dtype=torch.float32, device=r.device)
+    if NT:
+        att = torch.empty((NT, H, BT, BT), dtype=torch.float32, device=r.device)
+        wkv6_prefill_intra_fwd_kernel[(NT, H, (BT // BC) ** 2)](
+            r, k, w, att, cu_seqlens, chunk_indices,
+            r.stride(0), r.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
+            H=H, K=K, BT=BT, BC=BC, BK=BK, BD=min(BK, BD), PRECISION=precision, num_warps=4)
+        wkv6_prefill_chunk_fwd_kernel[(NT, H, -(-V // BV))](
+            k, v, w, h, decay, cu_seqlens, chunk_indices,
             k.stride(0), k.stride(1), w.stride(0), w.stride(1), v.stride(0), v.stride(1),
-            state_pool.stride(0), state_pool.stride(1),
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, num_warps=4)
-    if NT == 0:
-        return y
-
-    # output pass: every chunk in parallel, the whole K per program
-    BV = min(triton.next_power_of_2(V), 64 if BKf <= 64 else 32)
-    _launch(wkv6_prefill_fwd_kernel, (NT, triton.cdiv(V, BV), H),
-            r, k, v, w, u, y, h, cu_seqlens, chunk_indices,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, num_warps=8)
+    BKS = min(BK, 8)  # the scan only streams: many narrow programs
+    wkv6_prefill_scan_fwd_kernel[(B * H, -(-K // BKS))](
+        h, decay, state_pool, slots, cu_seqlens, chunk_offsets, state_pool.stride(0), state_pool.stride(1),
+        H=H, K=K, V=V, BT=BT, BK=BKS, BV=BVf, num_warps=2)
+    if NT:
+        wkv6_prefill_fwd_kernel[(NT, H, -(-V // BV))](
+            r, k, v, w, u, y, h, att, cu_seqlens, chunk_indices,
             r.stride(0), r.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
             v.stride(0), v.stride(1), y.stride(0), y.stride(1),
-            H=H, K=K, V=V, BT=BT, BC=BC, BK=BKf, BV=BV, BD=min(BKf, BD), PRECISION=precision, num_warps=4)
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, num_warps=8)
     return y
 
 

@@ -68,7 +68,7 @@ def _interpreter_while_testing(request, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-@pytest.mark.skipif(not _IN_SUBPROCESS, reason="Triton was imported under the interpreter: tests run here")
+@pytest.mark.skipif(not _IN_SUBPROCESS, reason="the kernel tests run in this process")
 def test_module_under_interpreter_in_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
@@ -111,7 +111,7 @@ def _rel(out, ref):
 
 def _check_prefill(lens, slots, H, K, V, dtype, seed, decay="normal", u_zero=False):
     T = sum(lens)
-    r, k, v, w, u, pool = _inputs(T, H, K, V, dtype, seed, decay, u_zero)
+    r, k, v, w, u, pool = _inputs(T, H, K, V, dtype, seed, decay, u_zero, num_slots=max(8, max(slots) + 2))
     pool0 = pool.clone()
     slots_t = torch.tensor(slots, device=DEVICE)
     cu = [0]
@@ -133,13 +133,13 @@ def _check_prefill(lens, slots, H, K, V, dtype, seed, decay="normal", u_zero=Fal
 # ---- prefill: packed variable-length sequences ------------------------------------------------
 PREFILL_CASES = [
     # lens, slots, dtype, decay, u_zero
-    pytest.param([37], [2], torch.float32, "normal", False, id="one-37"),
     pytest.param([1, 3, 16, 37, 70], [5, 0, 3, 7, 2], torch.float32, "normal", False, id="packed-5"),
     pytest.param([64, 1, 65, 1], [1, 6, 0, 4], torch.float32, "strong", False, id="with-len1-strong"),
     pytest.param([16, 3], [3, 0], torch.float32, "normal", True, id="u-zero"),
     pytest.param([20, 0, 48], [7, 1, 5], torch.float32, "mixed", False, id="empty-seq-mixed"),
     pytest.param([3, 70], [5, 0], torch.float16, "normal", False, id="fp16-packed"),
     pytest.param([33], [4], torch.float16, "strong", True, id="fp16-strong-u0"),
+    pytest.param([260], [6], torch.float32, "mixed", False, id="five-chunks"),
 ]
 
 
