@@ -111,10 +111,11 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: 
                 engine.step()
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / steps
-            ws = engine.runner.working_sets
+            sets = engine.runner.working_sets
             out.append({"batch": batch, "context": ctx, "step_ms": dt * 1e3, "tok_per_s": batch / dt,
-                        "working_sets": len(ws) if ws else 0,
-                        "working_set_GiB": (ws.used_bytes() / 2 ** 30) if ws else 0.0})
+                        "working_sets": len(sets) if sets else 0,
+                        "working_set_GiB": (sets.used_bytes() / 2 ** 30) if sets else 0.0})
+            del sets  # or the next case starts with this one's working sets still allocated
         except torch.OutOfMemoryError as exc:
             out.append({"batch": batch, "context": ctx, "skipped": f"out of memory: {str(exc)[:80]}"})
         del engine

@@ -75,5 +75,6 @@ def working_set_budget(config: EngineConfig, device: torch.device) -> int:
         return config.kv_working_set_bytes
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.4)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # free in torch's cache
+        return int((free + cached) * 0.4)
     return 256 << 20

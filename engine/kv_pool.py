@@ -138,6 +138,10 @@ class PagedKeyCacheView:
         self.query_lens = list(query_lens)
         mapping = slot_mapping(self.block_tables, self.context_lens, self.query_lens, cache.block_size)
         self.slots = torch.tensor(mapping, dtype=torch.long, device=cache.device)
+        width = max((len(t) for t in self.block_tables), default=0)
+        # every table in one host-to-device copy (a copy per sequence would stall the GPU each time)
+        self._tables = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables],
+                                    dtype=torch.long, device=cache.device)
         self._written = False
         self.working_sets: list | None = None  # set by the runner when it keeps K/V working sets
 
@@ -156,7 +160,8 @@ class PagedKeyCacheView:
         working set needs)."""
         if not self._written:
             raise RuntimeError("read before this step's write: the history would miss its new tokens")
-        return self.cache.read(self.block_tables[i], self.context_lens[i] + self.query_lens[i], start)
+        table = self._tables[i, : len(self.block_tables[i])]
+        return self.cache.read(table, self.context_lens[i] + self.query_lens[i], start)
 
     def working_set(self, i: int):
         """Sequence i's materialised K/V (engine.kv_working_set), or None: derive from the cache."""

@@ -61,34 +61,55 @@ class _Windows:
         return [t - s for s, t in zip(self.starts, self.lens)]
 
 
-def _select_with_prev(x: Tensor, win: _Windows, new_starts: list[int], carried: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+class _IndexCache:
+    """Index tensors that repeat across the layers of one step, copied to the device once: a copy
+    from pageable host memory waits for the GPU to drain, so one per layer would serialise it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._memo: dict = {}
+
+    def get(self, key, build) -> Tensor:
+        t = self._memo.get(key)
+        if t is None:
+            t = self._memo[key] = torch.as_tensor(build(), dtype=torch.long).to(self.device)
+        return t
+
+
+def _select_with_prev(x: Tensor, win: _Windows, new_starts: list[int], carried: Tensor,
+                      idx: _IndexCache) -> tuple[Tensor, Tensor, Tensor]:
     """From rows of positions [win.starts[i], T_i), take positions [new_starts[i], T_i) and the row
     before each (the carried state before position 0). Returns (cur, prev, last row of each seq).
 
     Index arithmetic is vectorised (prompts of a million tokens pass through here per layer)."""
-    starts, lens, news = win.starts, win.lens, new_starts
-    for s, t, ns in zip(starts, lens, news):
-        if not (s <= ns < t and (ns > s or ns == 0)):
-            raise AssertionError(f"window [{s}, {t}) too short to select [{ns}, {t}) with its token shift")
+    starts, lens, news = tuple(win.starts), tuple(win.lens), tuple(new_starts)
+    key = (starts, lens, news)
     rows = [t - s for s, t in zip(starts, lens)]
     base = [0]
     for r in rows[:-1]:
         base.append(base[-1] + r)
-    last = torch.tensor([b + r - 1 for b, r in zip(base, rows)], device=x.device)
+    last = idx.get(("last", starts, lens), lambda: [b + r - 1 for b, r in zip(base, rows)])
     if all(s == 0 and ns == 0 for s, ns in zip(starts, news)):  # every row, previous row or carried
         prev = torch.cat([x[:1], x[:-1]])
-        prev[torch.tensor(base, device=x.device)] = carried.to(x.dtype)
+        prev[idx.get(("base", lens), lambda: base)] = carried.to(x.dtype)
         return x, prev, x[last]
-    counts = torch.tensor([t - ns for t, ns in zip(lens, news)])
-    seq = torch.repeat_interleave(torch.arange(len(rows)), counts)
-    first = torch.cumsum(counts, 0) - counts
-    offset = torch.arange(int(counts.sum())) - first[seq]
-    pos = torch.tensor(news)[seq] + offset
-    start = torch.tensor(starts)[seq]
-    cur = torch.tensor(base)[seq] + pos - start
-    prev = torch.where(pos - 1 >= start, cur - 1, x.shape[0] + seq)
+    for s, t, ns in zip(starts, lens, news):
+        if not (s <= ns < t and (ns > s or ns == 0)):
+            raise AssertionError(f"window [{s}, {t}) too short to select [{ns}, {t}) with its token shift")
+
+    def build(which: str):
+        counts = torch.tensor([t - ns for t, ns in zip(lens, news)])
+        seq = torch.repeat_interleave(torch.arange(len(rows)), counts)
+        first = torch.cumsum(counts, 0) - counts
+        pos = torch.tensor(news)[seq] + torch.arange(int(counts.sum())) - first[seq]
+        start = torch.tensor(starts)[seq]
+        cur = torch.tensor(base)[seq] + pos - start
+        return cur if which == "cur" else torch.where(pos - 1 >= start, cur - 1, x.shape[0] + seq)
+
+    cur = idx.get(("cur",) + key, lambda: build("cur"))
+    prev = idx.get(("prev", x.shape[0]) + key, lambda: build("prev"))
     ext = torch.cat([x, carried.to(x.dtype)])
-    return ext[cur.to(x.device)], ext[prev.to(x.device)], x[last]
+    return ext[cur], ext[prev], x[last]
 
 
 class GoldFinchModel:
@@ -122,6 +143,7 @@ class GoldFinchModel:
         """Runs the batch, updates the RNN states in their slots and appends the compressed keys.
         Returns logits [B, V] (each sequence's last new position) or [N, V] with `all_logits`."""
         cfg = self.config
+        self._idx = _IndexCache(self.device)
         x = self.embed(batch.token_ids)
         win = _Windows(starts=[0] * len(batch.query_lens), lens=list(batch.query_lens))
         for layer in range(cfg.n_finch):
@@ -140,13 +162,13 @@ class GoldFinchModel:
     def _finch_block(self, layer: int, x: Tensor, win: _Windows, batch: StepBatch, rnn: RNNStatePool) -> Tensor:
         cfg, w, slots = self.config, self.blocks[layer], batch.state_slots
         xa = L.layer_norm(x, w, "ln1")
-        cur, prev, last = _select_with_prev(xa, win, win.starts, rnn.tmix_shift[layer, slots])
+        cur, prev, last = _select_with_prev(xa, win, win.starts, rnn.tmix_shift[layer, slots], self._idx)
         rnn.tmix_shift[layer, slots] = last
         r, k, v, log_decay, u, extra = L.finch_tmix_projections(cur, prev, w, cfg)
         y = self._wkv(layer, r, k, v, log_decay, u, batch, rnn)
         x = x + L.finch_tmix_output(y, extra, w, cfg)
         xf = L.layer_norm(x, w, "ln2")
-        cur, prev, last = _select_with_prev(xf, win, win.starts, rnn.cmix_shift[layer, slots])
+        cur, prev, last = _select_with_prev(xf, win, win.starts, rnn.cmix_shift[layer, slots], self._idx)
         rnn.cmix_shift[layer, slots] = last
         return x + L.channel_mix(cur, prev, w)
 
@@ -167,16 +189,17 @@ class GoldFinchModel:
         if not decode:  # prompts only: the packed batch is already what the prefill kernel takes
             return wkv_prefill(heads(r), heads(k), heads(v), heads(log_decay), u, offsets, pool, slots).view(r.shape)
         y = torch.empty_like(r)
-        rows = torch.tensor([offsets[i] for i in decode], device=r.device)
+        rows = self._idx.get(("wkv_decode_rows", lens), lambda: [offsets[i] for i in decode])
         out = wkv_decode(heads(r[rows]), heads(k[rows]), heads(v[rows]), heads(log_decay[rows]), u,
-                         pool, slots[rows.new_tensor(decode)])
+                         pool, slots[self._idx.get(("wkv_decode_seqs", lens), lambda: decode)])
         y[rows] = out.reshape(len(decode), -1)
-        rows = torch.tensor([t for i in prompts for t in range(offsets[i], offsets[i + 1])], device=r.device)
+        rows = self._idx.get(("wkv_prompt_rows", lens),
+                             lambda: [t for i in prompts for t in range(offsets[i], offsets[i + 1])])
         cu = [0]
         for i in prompts:
             cu.append(cu[-1] + lens[i])
         out = wkv_prefill(heads(r[rows]), heads(k[rows]), heads(v[rows]), heads(log_decay[rows]), u, cu,
-                          pool, slots[rows.new_tensor(prompts)])
+                          pool, slots[self._idx.get(("wkv_prompt_seqs", lens), lambda: prompts)])
         y[rows] = out.reshape(rows.shape[0], -1)
         return y
 
@@ -191,7 +214,7 @@ class GoldFinchModel:
         for s, T in zip(starts, win.lens):
             rows.extend(range(base + s, base + T))
             base += T
-        return x[torch.tensor(rows, device=x.device)], _Windows(starts, list(win.lens))
+        return x[self._idx.get(("gold_in", tuple(starts), tuple(win.lens)), lambda: rows)], _Windows(starts, list(win.lens))
 
     def _history(self, keys: KeyCacheView, i: int, batch: StepBatch) -> "_History":
         """What GOLD layers derive keys and values from for sequence i this step: the whole
@@ -225,15 +248,15 @@ class GoldFinchModel:
         out_starts = [self._window_start(j, T, batch.all_logits) for T in win.lens]
         q_starts = [max(0, s - 1) if not batch.all_logits else 0 for s in out_starts]
         xa = L.layer_norm(x, w, "ln1")
-        cur, prev, last = _select_with_prev(xa, win, q_starts, rnn.tmix_shift[layer, slots])
+        cur, prev, last = _select_with_prev(xa, win, q_starts, rnn.tmix_shift[layer, slots], self._idx)
         rnn.tmix_shift[layer, slots] = last
         q_win = _Windows(q_starts, win.lens)
-        x_mid, _, _ = _select_with_prev(x, win, q_starts, torch.zeros_like(x[: len(win.lens)]))
+        x_mid, _, _ = _select_with_prev(x, win, q_starts, torch.zeros_like(x[: len(win.lens)]), self._idx)
         x_mid = x_mid + self._gold_attention(j, w, L.gold_query(cur, prev, w), q_win, batch, histories)
         xb = L.layer_norm(x_mid, w, "ln2")
-        cur, prev, last = _select_with_prev(xb, q_win, out_starts, rnn.cmix_shift[layer, slots])
+        cur, prev, last = _select_with_prev(xb, q_win, out_starts, rnn.cmix_shift[layer, slots], self._idx)
         rnn.cmix_shift[layer, slots] = last
-        x_out, _, _ = _select_with_prev(x_mid, q_win, out_starts, torch.zeros_like(x[: len(win.lens)]))
+        x_out, _, _ = _select_with_prev(x_mid, q_win, out_starts, torch.zeros_like(x[: len(win.lens)]), self._idx)
         return x_out + L.channel_mix(cur, prev, w), _Windows(out_starts, win.lens)
 
     def _gold_attention(self, j: int, w: L.LayerWeights, q: Tensor, q_win: _Windows, batch: StepBatch,
