@@ -81,7 +81,8 @@ def _once(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: float, steps: int = 16) -> list[dict]:
+def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: float, steps: int = 16,
+                 working_set_bytes: int | None = None, profile: bool = False) -> list[dict]:
     """Decode through the engine (scheduler, sampler, paged pool, K/V working sets): `batch`
     requests with `ctx`-token prompts; after every prompt is prefilled, `steps` steps are timed."""
     from engine.config_engine import EngineConfig
@@ -97,7 +98,7 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: 
         try:
             engine = LLMEngine(model, None, EngineConfig(
                 max_num_seqs=batch, max_num_batched_tokens=max(ctx, 8192), max_model_len=ctx + steps + 8,
-                cache_tokens=batch * (ctx + steps + 16), gpu_memory_fraction=0.3))
+                cache_tokens=batch * (ctx + steps + 16), kv_working_set_bytes=working_set_bytes))
             gen = torch.Generator().manual_seed(batch)
             for _ in range(batch):
                 engine.add_request(torch.randint(0, model.config.vocab_size, (ctx,), generator=gen).tolist(),
@@ -106,11 +107,20 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: 
                     or engine.scheduler.waiting:
                 engine.step()
             torch.cuda.synchronize()
+            prof = None
+            if profile:
+                import cProfile
+                prof = cProfile.Profile()
+                prof.enable()
             t0 = time.perf_counter()
             for _ in range(steps):
                 engine.step()
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / steps
+            if prof is not None:
+                import pstats
+                prof.disable()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(22)
             sets = engine.runner.working_sets
             out.append({"batch": batch, "context": ctx, "step_ms": dt * 1e3, "tok_per_s": batch / dt,
                         "working_sets": len(sets) if sets else 0,
@@ -182,6 +192,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--working-set-gib", type=float, default=None, help="K/V working-set budget (default: the engine's)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the timed decode steps")
     ap.add_argument("--prefill", default="4096,16384,65536,131072,1048576")
     ap.add_argument("--decode", default="1x4096,8x4096,64x4096,256x4096,1x131072,16x131072")
     args = ap.parse_args()
@@ -198,7 +210,9 @@ def main() -> None:
     lengths = [int(x) for x in args.prefill.split(",")]
     result["prefill"] = bench_prefill(model, lengths, start + args.budget_s * 0.45)
     cases = [tuple(int(v) for v in c.split("x")) for c in args.decode.split(",")]
-    result["decode"] = bench_decode(model, cases, start + args.budget_s * 0.75)
+    ws_bytes = int(args.working_set_gib * 2 ** 30) if args.working_set_gib is not None else None
+    result["decode"] = bench_decode(model, cases, start + args.budget_s * 0.75, working_set_bytes=ws_bytes,
+                                    profile=args.profile)
     del model
     torch.cuda.empty_cache()
     if not args.no_llama:
