@@ -96,16 +96,23 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: 
             continue
         engine = None
         try:
+            budget = max(ctx, 8192)
+            # every request must still be decoding when the timed steps start: the first ones begin
+            # decoding while the last prompts are still being prefilled
+            max_tokens = batch * ctx // budget + steps + 16
             engine = LLMEngine(model, None, EngineConfig(
-                max_num_seqs=batch, max_num_batched_tokens=max(ctx, 8192), max_model_len=ctx + steps + 8,
-                cache_tokens=batch * (ctx + steps + 16), kv_working_set_bytes=working_set_bytes))
+                max_num_seqs=batch, max_num_batched_tokens=budget, max_model_len=ctx + max_tokens,
+                cache_tokens=batch * (ctx + max_tokens + 16), kv_working_set_bytes=working_set_bytes))
             gen = torch.Generator().manual_seed(batch)
             for _ in range(batch):
                 engine.add_request(torch.randint(0, model.config.vocab_size, (ctx,), generator=gen).tolist(),
-                                   SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
+                                   SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
             while any(s.is_prefilling or not s.output_token_ids for s in engine.scheduler.running) \
                     or engine.scheduler.waiting:
                 engine.step()
+            running = list(engine.scheduler.running)
+            assert len(running) == batch, f"only {len(running)} of {batch} requests decoding"
+            generated = sum(len(s.output_token_ids) for s in running)
             torch.cuda.synchronize()
             prof = None
             if profile:
@@ -117,6 +124,8 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: 
                 engine.step()
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / steps
+            generated = sum(len(s.output_token_ids) for s in running) - generated
+            assert generated == batch * steps, f"{generated} tokens in {steps} steps of {batch}"
             if prof is not None:
                 import pstats
                 prof.disable()
