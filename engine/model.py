@@ -259,15 +259,40 @@ class GoldFinchModel:
         x_out, _, _ = _select_with_prev(x_mid, q_win, out_starts, torch.zeros_like(x[: len(win.lens)]), self._idx)
         return x_out + L.channel_mix(cur, prev, w), _Windows(out_starts, win.lens)
 
+    def _tails_keys_values(self, j: int, w: L.LayerWeights, histories: list["_History"]) -> dict[int, tuple]:
+        """Layer j's keys/values of every sequence that derives only its new tokens, in one packed
+        call (rather than a few dozen small kernels per sequence). Each tail's first row stands
+        before its new tokens: it only feeds their token shift, so a shift across the seam between
+        two packed tails lands on a row that is dropped."""
+        tails = [i for i, h in enumerate(histories) if h.start > 0 and h.working_set is not None]
+        if len(tails) < 2:
+            return {}
+        proto = torch.cat([histories[i].proto_keys for i in tails])
+        values_in = torch.cat([histories[i].token_values for i in tails])
+        keys, values = L.gold_keys_values(proto, values_in, w)
+        if self.config.rope is not None:
+            pos = torch.cat([torch.arange(histories[i].start, histories[i].start + histories[i].proto_keys.shape[0],
+                                          device=keys.device) for i in tails])
+            keys = L.rotary(keys.view(keys.shape[0], self.config.n_head, -1), pos, self.config.rope.theta,
+                            self.config.rope.rescale).reshape(keys.shape)
+        out, row = {}, 0
+        for i in tails:
+            h = histories[i]
+            n = h.proto_keys.shape[0]
+            out[i] = h.working_set.store(j, h.start + 1, keys[row + 1: row + n], values[row + 1: row + n])
+            row += n
+        return out
+
     def _gold_attention(self, j: int, w: L.LayerWeights, q: Tensor, q_win: _Windows, batch: StepBatch,
                         histories: list["_History"]) -> Tensor:
         """Each query row attends over its sequence's whole history, end-aligned causal."""
         cfg = self.config
         H, D = cfg.n_head, cfg.head_size
         outs, base = [], 0
+        packed = self._tails_keys_values(j, w, histories)
         for i, (s, T) in enumerate(zip(q_win.starts, q_win.lens)):
             n_q, ctx = T - s, batch.context_lens[i]
-            keys, values = self._layer_keys_values(j, w, histories[i])
+            keys, values = packed[i] if i in packed else self._layer_keys_values(j, w, histories[i])
             n_k = keys.shape[0]
             qi = q[base: base + n_q].view(n_q, H, D)
             ki, vi = keys.view(n_k, H, D), values.view(n_k, H, D)
