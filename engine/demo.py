@@ -1,6 +1,8 @@
-"""A demo generation: greedy tokens from a GoldFinch checkpoint (a conformance model by default).
+"""A demo generation without the server: greedy tokens from a GoldFinch checkpoint.
 
     python -m engine.demo [--model DIR] [--prompt-ids 1,2,3] [--max-tokens 32] [--device cpu]
+
+The default is the built-in demo model (models/demo); its tokenizer shows the text as well.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from .loader import load_checkpoint
 from .model import GoldFinchModel
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "goldfinch_l6_d128"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> None:
         logits, state = model.forward(torch.tensor([[token]], device=args.device), state)
     elapsed = time.perf_counter() - t0
     print(f"prompt {prompt}\ngenerated {out}")
+    tokenizer_file = Path(args.model) / "tokenizer.model"
+    if tokenizer_file.is_file():
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_file)
+        print(f"text: {tok.decode(prompt)!r} -> {tok.decode(out)!r}")
     print(f"{len(out)} tokens in {elapsed:.2f}s; persistent cache {state.persistent_bytes_per_token()} B/token, "
           f"RNN state {state.rnn.bytes_per_slot()} B per sequence")
 

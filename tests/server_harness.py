@@ -39,10 +39,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, tokenizer: Path | None = None, model: Path = MODEL, env: dict | None = None):
+    def __init__(self, *args: str, tokenizer: Path | None = None, model: Path | None = MODEL, env: dict | None = None):
+        """model=None starts the server on its built-in default model (no --model)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "server", *(["--model", str(model)] if model is not None else []),
+               "--port", str(self.port),
                "--host", "127.0.0.1", "--device", "cpu", "--log-level", "warning", "--cpu-threads", "1", *args]
         if tokenizer is not None:
             cmd += ["--tokenizer", str(tokenizer)]
