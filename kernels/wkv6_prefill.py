@@ -169,10 +169,13 @@ def wkv6_prefill_scan_fwd_kernel(
     b_ds2 = tl.load(p_h + 2 * H * K * V, mask=m_kv & (n_chunks > 2), other=0.)
     b_d2 = tl.load(p_d + 2 * H * K, mask=m_k & (n_chunks > 2), other=0.)
     for c in range(0, n_chunks):
-        b_ds3 = tl.load(p_h + (c + 3) * (H * K * V), mask=m_kv & (c + 3 < n_chunks), other=0.)
-        b_d3 = tl.load(p_d + (c + 3) * (H * K), mask=m_k & (c + 3 < n_chunks), other=0.)
-        tl.store(p_h + c * (H * K * V), b_s, mask=m_kv)
+        # the pointers advance a chunk at a time (64-bit), no chunk index times a stride in 32 bits
+        b_ds3 = tl.load(p_h + 3 * H * K * V, mask=m_kv & (c + 3 < n_chunks), other=0.)
+        b_d3 = tl.load(p_d + 3 * H * K, mask=m_k & (c + 3 < n_chunks), other=0.)
+        tl.store(p_h, b_s, mask=m_kv)
         b_s = b_d0[:, None] * b_s + b_ds0
+        p_h += H * K * V
+        p_d += H * K
         b_ds0, b_d0, b_ds1, b_d1, b_ds2, b_d2 = b_ds1, b_d1, b_ds2, b_d2, b_ds3, b_d3
     tl.store(p_s, b_s, mask=m_kv)
 
