@@ -86,6 +86,10 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: text prompts need a tokenizer; pass token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"prompt: not valid Unicode (lone surrogate at character {exc.start})") from None
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt]
@@ -105,7 +109,7 @@ class LLMEngine:
         deltas = request.finish_all(FinishReason.ABORT)
         self._release(request)
         self.stats.record_finish(request)
-        return RequestUpdate(request_id, tuple(deltas), request.output)
+        return RequestUpdate.of(request_id, deltas, request.output)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self.absorbing)
@@ -141,7 +145,7 @@ class LLMEngine:
             if request.finished:
                 self._release(request)
                 self.stats.record_finish(request)
-            updates.append(RequestUpdate(request_id, tuple(ds), request.output))
+            updates.append(RequestUpdate.of(request_id, ds, request.output))
         if self.config.check_integrity:
             self.check_integrity()
         return updates
@@ -225,7 +229,7 @@ class LLMEngine:
                 self.sessions.release(request.session, None)
             self._release(request)
             self.stats.record_finish(request)
-            updates.append(RequestUpdate(request_id, tuple(deltas), request.output))
+            updates.append(RequestUpdate.of(request_id, deltas, request.output))
         return updates
 
     def _release(self, request: Request) -> None:

@@ -69,12 +69,16 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class RequestUpdate:
-    """One step's news for a request: the deltas of its samples, and the cumulative output."""
+    """One step's news for a request: the deltas of its samples, and the cumulative output.
+
+    `finished` is taken when the update is made: `output` is shared and keeps changing, and a
+    consumer that lags behind the engine must not take an earlier update for the last one."""
 
     request_id: str
     deltas: tuple[CompletionDelta, ...]
     output: RequestOutput
+    finished: bool
 
-    @property
-    def finished(self) -> bool:
-        return self.output.finished
+    @classmethod
+    def of(cls, request_id: str, deltas, output: RequestOutput) -> "RequestUpdate":
+        return cls(request_id, tuple(deltas), output, output.finished)

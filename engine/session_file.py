@@ -2,7 +2,7 @@
 
 Tensors: `token_ids` [T] int64 (the tokens the state covers), `compressed_keys` [T, Cc],
 `key_token_ids` [T] int32, and the RNN state `wkv` [n_finch, H, K, V] float32, `tmix_shift` and
-`cmix_shift` [n_layer, C]. A file is written to a temporary name and renamed, so a crash never
+`cmix_shift` [n_layer, C]; the metadata holds a SHA-256 of all of them. A file is written to a temporary name and renamed, so a crash never
 leaves half a file under the real name; a truncated, corrupted, foreign or mismatched file is refused
 as a whole with `SessionFileError`.
 """
@@ -15,6 +15,8 @@ import torch
 
 from .sequence import HostCopy
 from .sessions import Session
+
+import hashlib
 
 FORMAT = "goldfinch-session"
 VERSION = "1"
@@ -35,7 +37,7 @@ def save_session(path: str | os.PathLike, session: Session, host_copy: HostCopy,
         "key_token_ids": host_copy.token_ids.contiguous(),
         **{k: host_copy.rnn_state[k].contiguous() for k in RNN_KEYS},
     }
-    metadata = {"format": FORMAT, "version": VERSION, "model": model_fingerprint,
+    metadata = {"format": FORMAT, "version": VERSION, "model": model_fingerprint, "sha256": _digest(tensors),
                 "session_id": session.session_id, "num_tokens": str(len(session.token_ids)),
                 "owner": session.owner or ""}
     path = Path(path)
@@ -62,6 +64,8 @@ def load_session(path: str | os.PathLike, model_fingerprint: str,
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise SessionFileError(f"session file {path.name!r} is corrupted or truncated: {exc}") from None
     _check_meta(meta, model_fingerprint, path.name)
+    if meta.get("sha256") != _digest(tensors):  # flipped bits that stay finite would restore a wrong state
+        raise SessionFileError(f"session file {path.name!r} is corrupted: its checksum does not match")
     missing = {"token_ids", "compressed_keys", "key_token_ids", *RNN_KEYS} - tensors.keys()
     if missing:
         raise SessionFileError(f"session file {path.name!r} lacks tensors {sorted(missing)}")
@@ -80,6 +84,16 @@ def load_session(path: str | os.PathLike, model_fingerprint: str,
     copy = HostCopy(compressed_keys=tensors["compressed_keys"], token_ids=tensors["key_token_ids"],
                     rnn_state={k: tensors[k] for k in RNN_KEYS})
     return {**meta, "token_ids": tensors["token_ids"].tolist()}, copy
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _check_meta(meta: dict, model_fingerprint: str, name: str) -> None:

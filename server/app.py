@@ -5,14 +5,19 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .errors import APIError, error_body, install_error_handlers
+from .protocol import check_text
 from .routes_openai import make_router
 from .routes_sessions import make_session_router
-from .schemas import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
+from .schemas import (DetokenizeRequest, DetokenizeResponse, ErrorResponse, HealthResponse, ModelCard, ModelList,
+                      TokenizeRequest, TokenizeResponse)
 from .state import ServerState
 
 
 class BodySizeLimit:
-    """Refuses bodies over the limit with 413, by Content-Length or while reading a chunked body."""
+    """Refuses bodies over the limit with 413, by Content-Length or by counting a chunked body.
+
+    The body is read here in full (it is bounded) and replayed to the app, so the refusal never
+    happens halfway through the app's own parsing (which would turn it into a 400)."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -24,21 +29,26 @@ class BodySizeLimit:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._reject(send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await self._reject(send)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._reject(send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notifications
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, send) -> None:
         body = JSONResponse(error_body(f"request body larger than {self.max_bytes} bytes", "invalid_request_error"),
@@ -46,10 +56,6 @@ class BodySizeLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(state: ServerState, lifespan=None) -> FastAPI:
@@ -66,7 +72,7 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
             return None if open_ else state.keys.check(request)
         return check
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": HealthResponse}})
     async def health(_=Depends(auth_unless(state.settings.open_health))):
         if state.ready:
             return {"status": "ok"}
@@ -74,7 +80,8 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
                   else "failed" if state.engine is None else "engine dead")
         return JSONResponse(error_body(f"not ready: {reason}", "service_unavailable"), 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                          "description": "Prometheus text format"}})
     async def metrics(_=Depends(auth_unless(state.settings.open_metrics))):
         if state.metrics is None:
             raise APIError(503, "the model is still loading", "service_unavailable")
@@ -85,7 +92,7 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
         s = state.settings
         return ModelList(data=[ModelCard(id=s.served_model_name, created=state.created, max_model_len=s.max_model_len)])
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse}})
     async def tokenize(body: TokenizeRequest, _=Depends(auth)):
         state.check_model(body.model)
         tok = _tokenizer(state)
@@ -93,10 +100,10 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
             raise APIError(400, "prompt: give exactly one of prompt or messages", param="prompt")
         text = body.prompt if body.prompt is not None else state.template.render(body.messages,
                                                                                   body.add_generation_prompt)
-        tokens = tok.encode(text)
+        tokens = tok.encode(check_text(text, "prompt" if body.prompt is not None else "messages"))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.settings.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}})
     async def detokenize(body: DetokenizeRequest, _=Depends(auth)):
         state.check_model(body.model)
         tok = _tokenizer(state)
@@ -108,7 +115,38 @@ def create_app(state: ServerState, lifespan=None) -> FastAPI:
 
     app.include_router(make_router(state, auth))
     app.include_router(make_session_router(state, auth))
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+ERROR_STATUSES = {"400": "invalid field (named in error.param)", "401": "missing or wrong API key",
+                  "404": "unknown model, session or path", "409": "session in use", "413": "body too large",
+                  "429": "waiting queue full (Retry-After)", "500": "model step failed",
+                  "503": "not ready (loading, or the engine died)"}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, corrected to what the server sends: OpenAI's error body for every error
+    status, and no 422 (validation errors are answered with 400)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    for defs_name, defs in schemas["ErrorResponse"].pop("$defs", {}).items():
+        schemas.setdefault(defs_name, defs)
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            op["responses"].pop("422", None)
+            for status, text in ERROR_STATUSES.items():
+                op["responses"].setdefault(status, {"description": text, **error})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    app.openapi_schema = doc
+    return doc
 
 
 def _tokenizer(state: ServerState):

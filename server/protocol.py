@@ -82,17 +82,27 @@ def chat_params(req: ChatCompletionRequest, limits: Limits, max_model_len: int, 
     return sampling_params(req, max_tokens, logprobs, limits, extra_stop=template_stop)
 
 
+def check_text(text: str, param: str) -> str:
+    """Text must be encodable Unicode: JSON can carry lone surrogates ("\\ud800") that no tokenizer
+    takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param}: not valid Unicode (lone surrogate at character {exc.start})", param) from None
+    return text
+
+
 def prompt_list(prompt) -> list[str | list[int]]:
     """OpenAI's prompt forms: a string, strings, token ids, lists of token ids."""
     if isinstance(prompt, str):
-        return [prompt]
+        return [check_text(prompt, "prompt")]
     if not prompt:
         raise bad_request("prompt: must not be empty", "prompt")
     if isinstance(prompt[0], int):
         return [list(prompt)]
     if len(prompt) > 64:
         raise bad_request("prompt: at most 64 prompts per request", "prompt")
-    return list(prompt)
+    return [check_text(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
 
 
 def usage_dict(outputs: list[RequestOutput]) -> dict:

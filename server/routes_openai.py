@@ -12,9 +12,9 @@ from engine.outputs import RequestOutput
 
 from .errors import APIError, error_body
 from .generation import collect, new_id, stream_updates
-from .protocol import (AS_IDS, chat_logprobs, chat_params, completion_logprobs, completion_params, finish_reason,
+from .protocol import (AS_IDS, chat_logprobs, check_text, chat_params, completion_logprobs, completion_params, finish_reason,
                        prompt_list, usage_dict)
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from .state import ServerState
 
 
@@ -54,7 +54,8 @@ def make_router(state: ServerState, auth) -> APIRouter:
             return [held + tok.encode(text[len(held_text):])]
         return [fresh]
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses={200: {"model": CompletionResponse, "content": {
+        "text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then data: [DONE]"}}}}})
     async def completions(body: CompletionRequest, request: Request, owner=Depends(auth)):
         state.check_model(body.model)
         params = completion_params(body, state.settings.limits)
@@ -77,12 +78,13 @@ def make_router(state: ServerState, auth) -> APIRouter:
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
                              "choices": choices, "usage": usage_dict(outputs)})
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse, "content": {
+        "text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then data: [DONE]"}}}}})
     async def chat(body: ChatCompletionRequest, request: Request, owner=Depends(auth)):
         state.check_model(body.model)
         if state.tokenizer is None:
             raise APIError(400, "messages: chat needs a tokenizer; this model has none", param="messages")
-        text = state.template.render(body.messages, body.add_generation_prompt)
+        text = check_text(state.template.render(body.messages, body.add_generation_prompt), "messages")
         prompts = await prepare_prompts([text], body.session_id, owner)
         prompt_len = len(prompts[0]) if isinstance(prompts[0], list) else len(state.tokenizer.encode(text))
         params = chat_params(body, state.settings.limits, state.settings.max_model_len, prompt_len,

@@ -5,13 +5,15 @@ path. Sessions are scoped to the API key that created them; another key's sessio
 """
 from __future__ import annotations
 
+import re
+
 from fastapi import APIRouter, Depends
 
 from engine.session_file import SessionFileError
 from engine.sessions import Session, SessionError
 
 from .errors import APIError
-from .schemas import SessionCreateRequest, SessionInfo, SessionRestoreRequest
+from .schemas import SessionCreateRequest, SessionDeleted, SessionInfo, SessionRestoreRequest, SessionSaved
 from .state import ServerState
 
 SUFFIX = ".session"
@@ -47,14 +49,16 @@ def make_session_router(state: ServerState, auth) -> APIRouter:
 
     @router.get("/{session_id}", response_model=SessionInfo)
     async def inspect(session_id: str, owner=Depends(auth)):
+        _check_id(session_id)
         return await call(lambda e: session_info(e.sessions.get(session_id, owner)))
 
-    @router.delete("/{session_id}")
+    @router.delete("/{session_id}", responses={200: {"model": SessionDeleted}})
     async def close(session_id: str, owner=Depends(auth)):
+        _check_id(session_id)
         await call(lambda e: e.sessions.close(session_id, owner))
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
-    @router.post("/{session_id}/save")
+    @router.post("/{session_id}/save", responses={200: {"model": SessionSaved}})
     async def save(session_id: str, owner=Depends(auth)):
         _check_id(session_id)
         path = path_for(session_id)
@@ -72,6 +76,6 @@ def make_session_router(state: ServerState, auth) -> APIRouter:
 
 
 def _check_id(session_id: str) -> None:
-    if not session_id or len(session_id) > 128 or not all(c.isalnum() or c in "._:-" for c in session_id) \
-            or session_id.startswith("."):
-        raise APIError(400, "session_id: letters, digits and ._:- only", param="session_id")
+    if not re.fullmatch(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}", session_id):
+        raise APIError(400, "session_id: 1 to 128 characters of A-Z a-z 0-9 . _ : - (not starting with '.')",
+                       param="session_id")

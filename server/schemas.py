@@ -6,6 +6,7 @@ n, stop strings) are checked in `server.requests` so their errors name the limit
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -56,8 +57,8 @@ class SamplingFields(_Strict):
         if value is None:
             return None
         for key, bias in value.items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not re.fullmatch(r"[0-9]{1,10}", key):  # ASCII digits only: '²' passes isdigit()
+                raise ValueError(f"keys must be token ids, got {key[:20]!r}")
             if not -100.0 <= bias <= 100.0 or math.isnan(bias):
                 raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")
         return value
@@ -159,3 +160,70 @@ class SessionInfo(BaseModel):
     location: Literal["device", "host", "empty"]
     busy: bool
     created: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A completion (non-streamed; streamed chunks have the same shape without usage)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class SessionDeleted(BaseModel):
+    id: str
+    object: Literal["session.deleted"]
+    deleted: bool
+
+
+class SessionSaved(BaseModel):
+    id: str
+    object: Literal["session.saved"]
+    bytes: int
