@@ -23,5 +23,10 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     pip install "torch==${GOLDFINCH_TORCH_VERSION:-2.13.0}" \
         ${GOLDFINCH_TORCH_INDEX_URL:+--index-url "$GOLDFINCH_TORCH_INDEX_URL"}
 fi
-pip install -e ".[test]"
+extras=test
+# a CPU torch: add Triton for the kernels' interpreter tests (a CUDA torch pins its own Triton)
+if "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)'; then
+    extras=test,interpreter
+fi
+pip install -e ".[$extras]"
 echo "$want" > "$stamp"
