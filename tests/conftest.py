@@ -28,6 +28,17 @@ def load_model(case: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     return GoldFinchModel(load_checkpoint(CONFORMANCE_DIR / case, dtype=dtype, device=device))
 
 
+def greedy_plain(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens from the plain (unpaged, unbatched) model path on the CPU: what every fast
+    path is compared with token for token."""
+    logits, state = model.forward(torch.tensor([prompt], device=model.device))
+    out = []
+    for _ in range(max_tokens):
+        out.append(int(logits[0].argmax()))
+        logits, state = model.forward(torch.tensor([[out[-1]]], device=model.device), state)
+    return out
+
+
 @pytest.fixture(params=conformance_cases() or [pytest.param(None, marks=pytest.mark.skip("no conformance cases"))])
 def case(request) -> str:
     return request.param

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import load_model
+from conftest import greedy_plain, load_model
 from engine.config_engine import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -28,13 +28,7 @@ def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]
 
 def alone(prompt: list[int], max_tokens: int = 12) -> list[int]:
     """Greedy tokens from the plain (unpaged, unbatched) model path."""
-    model = load_model(CASE)
-    logits, state = model.forward(torch.tensor([prompt]))
-    out = []
-    for _ in range(max_tokens):
-        out.append(int(logits[0].argmax()))
-        logits, state = model.forward(torch.tensor([[out[-1]]]), state)
-    return out
+    return greedy_plain(load_model(CASE), prompt, max_tokens)
 
 
 def assert_idle(engine: LLMEngine) -> None:
@@ -212,12 +206,7 @@ def test_kv_working_sets_change_nothing(case, working_set_bytes):
     ps = prompts(4, seed=40, lo=5, hi=50)
     outs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     for p, o in zip(ps, outs):
-        logits, state = model.forward(torch.tensor([p]))
-        want = []
-        for _ in range(8):
-            want.append(int(logits[0].argmax()))
-            logits, state = model.forward(torch.tensor([[want[-1]]]), state)
-        assert o.outputs[0].token_ids == want
+        assert o.outputs[0].token_ids == greedy_plain(model, p, 8)
     ws = engine.runner.working_sets
     assert (ws is None) == (working_set_bytes == 0)
     if ws is not None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFORMANCE_DIR, load_model
+from conftest import CONFORMANCE_DIR, greedy_plain, load_model
 
 pytestmark = pytest.mark.gpu
 CASES = ["goldfinch_l6_d128", "goldfinch_upgrade_l6_d256"]
@@ -33,9 +33,4 @@ def test_engine_batched_on_gpu_equals_plain_cpu(case):
     outs = gpu.generate(prompts, params)
     cpu_model = load_model(case)
     for p, o in zip(prompts, outs):
-        logits, state = cpu_model.forward(torch.tensor([p]))
-        want = []
-        for _ in range(12):
-            want.append(int(logits[0].argmax()))
-            logits, state = cpu_model.forward(torch.tensor([[want[-1]]]), state)
-        assert o.outputs[0].token_ids == want
+        assert o.outputs[0].token_ids == greedy_plain(cpu_model, p, 12)
