@@ -15,9 +15,12 @@ from __future__ import annotations
 import functools
 
 import torch
+
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .wkv6_checks import check_wkv_inputs
 
 
 @triton.jit
@@ -97,19 +100,7 @@ def wkv6_decode(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state_poo
     state_pool: [S, H, K, V] float32, contiguous in its last three dims; slots: [N] integer,
     distinct (two rows naming one slot would race). Reads `state_pool[slots]`, writes the new states
     into the same slots and returns y [N, H, V] in r's dtype."""
-    if r.dim() != 3 or k.shape != r.shape or w.shape != r.shape:
-        raise ValueError(f"r, k, w must be [N, H, K]; got r {tuple(r.shape)}, k {tuple(k.shape)}, w {tuple(w.shape)}")
-    N, H, K = r.shape
-    if v.dim() != 3 or v.shape[:2] != (N, H):
-        raise ValueError(f"v must be [N, H, V] = [{N}, {H}, V]; got {tuple(v.shape)}")
-    V = v.shape[-1]
-    if u.shape != (H, K):
-        raise ValueError(f"u must be [H, K] = {(H, K)}, got {tuple(u.shape)}")
-    if state_pool.dtype != torch.float32 or state_pool.dim() != 4 or state_pool.shape[1:] != (H, K, V):
-        raise ValueError(f"state_pool must be float32 [S, H, K, V] = [S, {H}, {K}, {V}]; "
-                         f"got {state_pool.dtype} {tuple(state_pool.shape)}")
-    if state_pool.stride()[2:] != (V, 1):
-        raise ValueError("state_pool must be contiguous in its [K, V] dims")
+    N, H, K, V = check_wkv_inputs(r, k, v, w, u, state_pool, "N")
     if slots.shape != (N,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be an integer tensor [N] = [{N}], got {slots.dtype} {tuple(slots.shape)}")
     device = r.device

@@ -30,9 +30,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .wkv6_checks import check_wkv_inputs
 
 BT = 64  # chunk: the state is materialised once per chunk
 BC = 16  # sub-chunk: the blocks of the intra-chunk attention
@@ -290,19 +293,7 @@ def wkv6_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
     distinct. Sequence b is tokens cu_seqlens[b]:cu_seqlens[b+1], starting from state
     `state_pool[slots[b]]`, which receives its final state. Returns y [T, H, V] in r's dtype.
     (A tensor cu_seqlens on the GPU is read back to the host once, to size the chunk tables.)"""
-    if r.dim() != 3 or k.shape != r.shape or w.shape != r.shape:
-        raise ValueError(f"r, k, w must be [T, H, K]; got r {tuple(r.shape)}, k {tuple(k.shape)}, w {tuple(w.shape)}")
-    T, H, K = r.shape
-    if v.dim() != 3 or v.shape[:2] != (T, H):
-        raise ValueError(f"v must be [T, H, V] = [{T}, {H}, V]; got {tuple(v.shape)}")
-    V = v.shape[-1]
-    if u.shape != (H, K):
-        raise ValueError(f"u must be [H, K] = {(H, K)}, got {tuple(u.shape)}")
-    if state_pool.dtype != torch.float32 or state_pool.dim() != 4 or state_pool.shape[1:] != (H, K, V):
-        raise ValueError(f"state_pool must be float32 [S, H, K, V] = [S, {H}, {K}, {V}]; "
-                         f"got {state_pool.dtype} {tuple(state_pool.shape)}")
-    if state_pool.stride(3) != 1 or state_pool.stride(2) != V:
-        raise ValueError("state_pool must be contiguous in its [K, V] dims")
+    T, H, K, V = check_wkv_inputs(r, k, v, w, u, state_pool, "T")
     cu = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)]
     if not cu or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_seqlens must start at 0, not decrease and end at T = {T}; got {cu[:8]}...")
