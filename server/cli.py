@@ -136,6 +136,9 @@ def shutdown(state: ServerState) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # the engine thread runs Python between kernels; hand the GIL to the HTTP event loop often so
+    # that a 429 or a health check never waits a 5 ms switch interval behind every step
+    sys.setswitchinterval(0.001)
     if args.cpu_threads:
         import torch
 
