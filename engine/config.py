@@ -5,7 +5,7 @@ read off the reference code's key names and shapes; a `config.json` beside the w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 TMIX_FINCH_C2 = "x060c2"  # Finch-C2: no bonus u, v2 residual, k * (1 - decay), LayerNorm on the output

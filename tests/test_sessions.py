@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import load_model
 from engine.config_engine import EngineConfig
@@ -10,7 +9,7 @@ from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.session_file import SessionFileError
 from engine.sessions import SessionError
-from test_engine import CASE, GREEDY, assert_idle, make_engine, prompts
+from test_engine import GREEDY, assert_idle, make_engine, prompts
 
 TURN1 = prompts(1, seed=20, lo=25, hi=25)[0]
 TURN2_NEW = prompts(1, seed=21, lo=9, hi=9)[0]
