@@ -96,15 +96,28 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
 
 
+UNICODE_LINE_BREAKS = ("\u0085", "\u2028", "\u2029")
+sse_stats: Counter = Counter()
+
+
 def sse_events(response: httpx.Response):
-    """JSON payloads of an SSE stream (until [DONE])."""
-    for line in response.iter_lines():
-        if not line.startswith("data: "):
-            continue
-        data = line[6:]
-        if data == "[DONE]":
-            return
-        yield json.loads(data)
+    """JSON payloads of an SSE stream (until [DONE]). Lines end at CR/LF only, as the SSE spec says:
+    httpx's iter_lines() also splits at U+0085/U+2028/U+2029 (str.splitlines), which the server
+    sends raw inside JSON strings; such events are counted in `sse_stats`."""
+    buffer = b""
+    for chunk in response.iter_bytes():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            line = raw.rstrip(b"\r").decode("utf-8")
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                return
+            if any(c in data for c in UNICODE_LINE_BREAKS):
+                sse_stats["events_with_unicode_line_breaks"] += 1
+            yield json.loads(data)
 
 
 # ---- traffic -------------------------------------------------------------------------------------
@@ -374,6 +387,7 @@ def summarize(samples, idle_checks, traffic: Traffic, warmup: float, rss0: float
                    "flat": rss_flat},
         "pool_usage": {"mean_under_load": statistics.fmean(pool) if pool else None,
                        "slope_per_min": pool_slope, "flat": pool_flat},
+        "sse_events_with_unicode_line_breaks": sse_stats["events_with_unicode_line_breaks"],
         "idle_checks": len(idle_checks), "idle_checks_with_leftovers": idle_leaks,
         "samples": len(samples),
         "verdict": "flat" if rss_flat and pool_flat and not idle_leaks and not errors else "NOT flat or errors",
