@@ -18,9 +18,16 @@ from .schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRe
 from .state import ServerState
 
 
+# characters that some line readers (httpx's iter_lines, str.splitlines) take for line ends,
+# although SSE ends lines at CR and LF only: escaped in the JSON so no client splits an event
+_LINE_BREAKERS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029", "\x0b": "\\u000b",
+                  "\x0c": "\\u000c", "\x1c": "\\u001c", "\x1d": "\\u001d", "\x1e": "\\u001e"}
+_ESCAPE = str.maketrans(_LINE_BREAKERS)
+
+
 def sse(payload: dict | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+    return f"data: {data.translate(_ESCAPE)}\n\n".encode()
 
 
 def make_router(state: ServerState, auth) -> APIRouter:

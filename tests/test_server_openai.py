@@ -137,3 +137,14 @@ def test_metrics_move_by_exact_token_counts(server, client):
     assert after[key] - before.get(key, 0) == 1
     assert after["goldfinch:e2e_request_latency_seconds_count"] - before["goldfinch:e2e_request_latency_seconds_count"] == 1
     assert after["goldfinch:cache_bytes_per_token"] == 8 * 4 + 4  # fp32 compressed keys + int32 id on the CPU
+
+
+def test_sse_events_never_contain_characters_that_readers_take_for_line_ends():
+    from server.routes_openai import sse
+
+    text = "a\x85b\u2028c\u2029d\x0be\x0cf\x1cg\x1dh\x1ei\nj\rk"
+    raw = sse({"t": text})
+    body = raw.decode()
+    assert body.endswith("\n\n") and body.count("\n") == 2 and "\r" not in body
+    assert len(body[:-2].splitlines()) == 1  # what str.splitlines / httpx.iter_lines would see
+    assert json.loads(body[len("data: "):-2]) == {"t": text}
