@@ -147,8 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     app, state = make_server_app(args)
+    # keep-alive longer than clients' usual 5 s pool expiry, so the server never closes a connection
+    # that a client is just reusing
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, timeout_keep_alive=30)
     server = uvicorn.Server(config)
 
     def on_fatal(exc: BaseException) -> None:  # device lost etc.: stop so an orchestrator restarts us

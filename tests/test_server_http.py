@@ -193,3 +193,7 @@ def test_not_ready_is_503_in_process():
     assert_error(client.post("/v1/completions", json={"prompt": "hi"}), 503)
     state.load_error = "boom"
     assert "boom" in assert_error(client.post("/v1/completions", json={"prompt": "hi"}), 503)["message"]
+
+
+def test_tokenize_refuses_empty_messages(server):
+    assert_error(post(server, "/tokenize", {"messages": []}), 400, param="messages")
