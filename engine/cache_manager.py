@@ -60,10 +60,6 @@ class CacheManager:
     def can_grow(self, owner: CacheOwner, num_tokens: int) -> bool:
         return self.pool.can_allocate(owner, num_tokens)
 
-    def blocks_to_restore(self, owner: CacheOwner, num_tokens: int) -> int:
-        """Blocks a host-held sequence needs to come back with `num_tokens` of room."""
-        return num_blocks_for_tokens(num_tokens, self.block_size)
-
     # ---- owning and growing --------------------------------------------------------------------
     def admit(self, owner: CacheOwner) -> None:
         """Gives a new sequence a zeroed state slot (its key cache starts empty)."""

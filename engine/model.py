@@ -11,7 +11,7 @@ Prefill and decode are the same call: sequence i brings `query_lens[i]` new toke
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -290,7 +290,6 @@ class InferenceState:
 
     rnn: RNNStatePool
     keys: ContiguousKeyCache
-    extra: dict = field(default_factory=dict)
 
     def cached_tokens(self, i: int) -> int:
         return self.keys.length(i)

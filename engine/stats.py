@@ -14,7 +14,6 @@ class EngineStats:
     steps: int = 0
     finished: Counter = field(default_factory=Counter)  # finish reason -> requests
     step_seconds: deque = field(default_factory=lambda: deque(maxlen=1024))
-    finished_requests: deque = field(default_factory=lambda: deque(maxlen=4096))  # RequestOutputs for exporters
 
     def record_step(self, sched, seconds: float) -> None:
         self.steps += 1
@@ -28,4 +27,3 @@ class EngineStats:
         reason = "error" if "error" in reasons else ("abort" if "abort" in reasons else
                                                     (reasons.pop() if len(reasons) == 1 else "stop"))
         self.finished[reason] += 1
-        self.finished_requests.append(request.output)

@@ -19,9 +19,6 @@ class Windows:
     starts: list[int]
     lens: list[int]  # T per sequence
 
-    def rows(self) -> list[int]:
-        return [t - s for s, t in zip(self.starts, self.lens)]
-
 
 class IndexCache:
     """Index tensors that repeat across the layers of one step, copied to the device once: a copy
