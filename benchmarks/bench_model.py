@@ -3,7 +3,7 @@ roofline and a same-size Llama (HF transformers, SDPA) measured in the same run.
 
     python benchmarks/bench_model.py [--budget-s 420] [--out DIR] [--no-llama]
 
-Writes bench_model.json and bench_model.md (to --out, default $OUT or .) with card, commit, date.
+Writes bench_model.json (to --out, default $OUT or .) with card, commit, date.
 Every section has a time budget; a section that would not fit is reported as skipped."""
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def bench_prefill(model: GoldFinchModel, lengths: list[int], deadline: float, ch
 
         try:
             torch.cuda.reset_peak_memory_stats()
-            t = timed(run, 1) if T <= chunk else _once(run)
+            t = timed(run, 3) if T <= chunk else _once(run)
             out.append({"T": T, "seconds": t, "tok_per_s": T / t, "chunk": min(T, chunk),
                         "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30})
         except torch.OutOfMemoryError as exc:
@@ -81,18 +81,23 @@ def _once(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: float, steps: int = 16,
-                 working_set_bytes: int | None = None, profile: bool = False) -> list[dict]:
-    """Decode through the engine (scheduler, sampler, paged pool, K/V working sets): `batch`
-    requests with `ctx`-token prompts; after every prompt is prefilled, `steps` steps are timed."""
+def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int, str]], deadline: float, steps: int = 16,
+                 roofline: dict | None = None, profile: bool = False) -> list[dict]:
+    """Decode through the engine (scheduler, sampler, paged pool): `batch` requests with `ctx`-token
+    prompts; after every prompt is prefilled, `steps` steps are timed. Mode "sets": K/V working
+    sets sized for the case (up to the free memory less 8 GiB), decode steps replayed from CUDA
+    graphs; "derive": no working sets, every step derives keys from the compressed cache."""
     from engine.config_engine import EngineConfig
     from engine.engine import LLMEngine
     from engine.sampling_params import SamplingParams
 
     out = []
-    for batch, ctx in cases:
+    mc = model.config
+    kv_bytes_per_token = 2 * mc.n_gold * mc.dim_att * 2
+    weight_bytes = sum(t.numel() * t.element_size() for t in model_tensors(model))
+    for batch, ctx, mode in cases:
         if time.monotonic() > deadline:
-            out.append({"batch": batch, "context": ctx, "skipped": "time budget"})
+            out.append({"batch": batch, "context": ctx, "mode": mode, "skipped": "time budget"})
             continue
         engine = None
         try:
@@ -100,9 +105,14 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: 
             # every request must still be decoding when the timed steps start: the first ones begin
             # decoding while the last prompts are still being prefilled
             max_tokens = batch * ctx // budget + steps + 16
+            free, _ = torch.cuda.mem_get_info()
+            want = batch * (ctx + max_tokens + 128) * kv_bytes_per_token
+            ws_bytes = 0 if mode == "derive" else int(min(want, free - (8 << 30) - batch * (ctx + max_tokens) * 300))
+            t_init = time.perf_counter()
             engine = LLMEngine(model, None, EngineConfig(
                 max_num_seqs=batch, max_num_batched_tokens=budget, max_model_len=ctx + max_tokens,
-                cache_tokens=batch * (ctx + max_tokens + 16), kv_working_set_bytes=working_set_bytes))
+                cache_tokens=batch * (ctx + max_tokens + 16), kv_working_set_bytes=max(0, ws_bytes)))
+            init_s = time.perf_counter() - t_init
             gen = torch.Generator().manual_seed(batch)
             for _ in range(batch):
                 engine.add_request(torch.randint(0, model.config.vocab_size, (ctx,), generator=gen).tolist(),
@@ -112,7 +122,10 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: 
                 engine.step()
             running = list(engine.scheduler.running)
             assert len(running) == batch, f"only {len(running)} of {batch} requests decoding"
+            n_steps = steps if mode == "sets" or batch * ctx <= 65536 else 2
+            engine.step()  # the first decode step after prefill builds missing working sets
             generated = sum(len(s.output_token_ids) for s in running)
+            fast_before = engine.runner.num_fast_steps
             torch.cuda.synchronize()
             prof = None
             if profile:
@@ -120,27 +133,56 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int]], deadline: 
                 prof = cProfile.Profile()
                 prof.enable()
             t0 = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(n_steps):
                 engine.step()
             torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / steps
+            dt = (time.perf_counter() - t0) / n_steps
             generated = sum(len(s.output_token_ids) for s in running) - generated
-            assert generated == batch * steps, f"{generated} tokens in {steps} steps of {batch}"
+            assert generated == batch * n_steps, f"{generated} tokens in {n_steps} steps of {batch}"
             if prof is not None:
                 import pstats
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(22)
             sets = engine.runner.working_sets
-            out.append({"batch": batch, "context": ctx, "step_ms": dt * 1e3, "tok_per_s": batch / dt,
-                        "working_sets": len(sets) if sets else 0,
-                        "working_set_GiB": (sets.used_bytes() / 2 ** 30) if sets else 0.0})
+            held = len(sets) if sets else 0
+            state_bytes = engine.cache.rnn.bytes_per_slot()
+            # bytes a step must move: weights once, each sequence's state read and written, and the
+            # keys/values it attends to (materialised sets) or the compressed entries (derive)
+            per_seq = (ctx * kv_bytes_per_token if held == batch
+                       else ctx * engine.cache.persistent_bytes_per_token() * mc.n_gold)
+            step_bytes = weight_bytes + batch * (2 * state_bytes + per_seq)
+            row = {"batch": batch, "context": ctx, "mode": mode, "step_ms": dt * 1e3, "tok_per_s": batch / dt,
+                   "fast_steps": engine.runner.num_fast_steps - fast_before, "timed_steps": n_steps,
+                   "working_sets": held, "working_set_GiB": (sets.used_bytes() / 2 ** 30) if sets else 0.0,
+                   "engine_init_s": init_s, "step_bytes_GB": step_bytes / 1e9}
+            graphs = engine.runner.graphs
+            if graphs is not None and row["fast_steps"]:
+                # GPU time of the decode step alone: the last step's graph replayed (this corrupts the
+                # sequences' states, which are not used again)
+                graph, _ = graphs._graphs[next(b for b in graphs.sizes if b >= batch)]
+                row["graph_ms"] = timed(graph.replay, 10) * 1e3
+            if roofline:
+                floor = step_bytes / (roofline["copy_GBps"] * 1e9)
+                row.update(roofline_tok_per_s=batch / floor, of_roofline=floor / dt)
+            out.append(row)
             del sets  # or the next case starts with this one's working sets still allocated
         except torch.OutOfMemoryError as exc:
-            out.append({"batch": batch, "context": ctx, "skipped": f"out of memory: {str(exc)[:80]}"})
+            out.append({"batch": batch, "context": ctx, "mode": mode, "skipped": f"out of memory: {str(exc)[:80]}"})
         del engine
         torch.cuda.empty_cache()
         print(json.dumps({"decode": out[-1]}), flush=True)
     return out
+
+
+def model_tensors(model: GoldFinchModel):
+    """Every weight tensor once (what a decode step reads)."""
+    seen = {}
+    for block in model.blocks:
+        for t in block._w.values():
+            seen[t.data_ptr()] = t
+    for t in (model.emb, model.head, model.w_compress, model.w_decompress):
+        seen[t.data_ptr()] = t
+    return list(seen.values())
 
 
 def capacity(model: GoldFinchModel, session_tokens: int = 32768) -> dict:
@@ -201,10 +243,12 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-llama", action="store_true")
-    ap.add_argument("--working-set-gib", type=float, default=None, help="K/V working-set budget (default: the engine's)")
     ap.add_argument("--profile", action="store_true", help="cProfile the timed decode steps")
     ap.add_argument("--prefill", default="4096,16384,65536,131072,1048576")
-    ap.add_argument("--decode", default="1x4096,8x4096,64x4096,256x4096,1x131072,16x131072")
+    ap.add_argument("--decode", default="1x4096,8x4096,64x4096,256x4096,1x131072,16x131072",
+                    help="BATCHxCONTEXT cases, with K/V working sets and CUDA graphs")
+    ap.add_argument("--derive", default="1x4096,8x4096,1x131072",
+                    help="cases decoded without working sets (keys derived from the compressed cache)")
     args = ap.parse_args()
     start = time.monotonic()
     deadline = start + args.budget_s
@@ -218,9 +262,9 @@ def main() -> None:
     result["capacity"] = capacity(model)
     lengths = [int(x) for x in args.prefill.split(",")]
     result["prefill"] = bench_prefill(model, lengths, start + args.budget_s * 0.45)
-    cases = [tuple(int(v) for v in c.split("x")) for c in args.decode.split(",")]
-    ws_bytes = int(args.working_set_gib * 2 ** 30) if args.working_set_gib is not None else None
-    result["decode"] = bench_decode(model, cases, start + args.budget_s * 0.75, working_set_bytes=ws_bytes,
+    cases = [(*(int(v) for v in c.split("x")), "sets") for c in args.decode.split(",") if c]
+    cases += [(*(int(v) for v in c.split("x")), "derive") for c in args.derive.split(",") if c]
+    result["decode"] = bench_decode(model, cases, start + args.budget_s * 0.75, roofline=result["roofline"],
                                     profile=args.profile)
     del model
     torch.cuda.empty_cache()

@@ -45,9 +45,20 @@ class CacheManager:
                  device: str | torch.device) -> None:
         self.config = cache_config
         self.pool = CachePool(cache_config.num_blocks, cache_config.block_size, cache_config.num_slots)
-        self.keys = PagedKeyCache(cache_config.num_blocks, cache_config.block_size,
+        # one block and one slot past what the pool hands out: scratch for the padded rows of a
+        # CUDA-graph decode batch, which must write somewhere that no sequence owns
+        self.keys = PagedKeyCache(cache_config.num_blocks + 1, cache_config.block_size,
                                   model_config.compressed_dim, dtype, device)
-        self.rnn = RNNStatePool.allocate(model_config, cache_config.num_slots, dtype, device)
+        self.rnn = RNNStatePool.allocate(model_config, cache_config.num_slots + 1, dtype, device)
+        self.scratch_key_slot = cache_config.num_blocks * cache_config.block_size
+        self.scratch_state_slot = cache_config.num_slots
+        # called with an owner whose device resources go (derived data kept for it, such as a K/V
+        # working set, must go with them)
+        self.on_release: list = []
+
+    def _released(self, owner: CacheOwner) -> None:
+        for callback in self.on_release:
+            callback(owner)
 
     # ---- capacity ------------------------------------------------------------------------------
     @property
@@ -84,6 +95,7 @@ class CacheManager:
 
     def free(self, owner: CacheOwner) -> None:
         self.pool.free(owner)
+        self._released(owner)
 
     def transfer(self, src: CacheOwner, dst: CacheOwner) -> None:
         """Hands src's blocks and slot to dst (a finished sequence to its session and back) without
@@ -92,6 +104,7 @@ class CacheManager:
             raise RuntimeError("transfer target already owns cache resources")
         dst.block_table, dst.state_slot = src.block_table, src.state_slot
         src.block_table, src.state_slot = [], None
+        self._released(src)
 
     # ---- host memory ---------------------------------------------------------------------------
     def to_host(self, owner: CacheOwner, num_tokens: int) -> HostCopy:
@@ -100,6 +113,7 @@ class CacheManager:
         compressed, ids = self.keys.export(owner.block_table, num_tokens)
         copy = HostCopy(compressed_keys=compressed, token_ids=ids, rnn_state=self.rnn.save(owner.state_slot))
         self.pool.release_to_host(owner)
+        self._released(owner)
         return copy
 
     def host_copy_of(self, owner: CacheOwner, num_tokens: int) -> HostCopy:

@@ -28,6 +28,11 @@ class EngineConfig:
     # materialised per-layer K/V for running sequences (64 KB/token at the 1.5B shape); None: 40% of
     # the GPU memory left after the pool, 256 MiB on the CPU; 0: always derive from the compressed cache
     kv_working_set_bytes: int | None = None
+    kv_working_set_page_size: int = 64  # tokens per working-set page (one attention tile)
+    # decode steps over complete working sets run a static step (engine.decode_step), replayed from
+    # CUDA graphs on a GPU (captured at start for batch sizes up to max_num_seqs)
+    decode_fast_path: bool = True
+    cuda_graphs: bool = True
     check_integrity: bool = False  # verify the pool's bookkeeping after every step (tests, debugging)
 
     def __post_init__(self) -> None:

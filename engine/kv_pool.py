@@ -143,7 +143,9 @@ class PagedKeyCacheView:
         self._tables = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables],
                                     dtype=torch.long, device=cache.device)
         self._written = False
-        self.working_sets: list | None = None  # set by the runner when it keeps K/V working sets
+        # set by the runner when it keeps K/V working sets (engine.kv_working_set)
+        self.working_sets: list | None = None
+        self.kv_pool = None
 
     def write(self, compressed_keys: Tensor, token_ids: Tensor) -> None:
         self.cache.write(self.slots, compressed_keys, token_ids)
@@ -164,5 +166,5 @@ class PagedKeyCacheView:
         return self.cache.read(table, self.context_lens[i] + self.query_lens[i], start)
 
     def working_set(self, i: int):
-        """Sequence i's materialised K/V (engine.kv_working_set), or None: derive from the cache."""
+        """Sequence i's K/V working set (its pages in `kv_pool`), or None: derive from the cache."""
         return self.working_sets[i] if self.working_sets is not None else None

@@ -1,97 +1,143 @@
-"""Materialised per-layer keys and values of running sequences: the fast decode cache mode.
+"""Materialised per-layer keys and values of running sequences, paged: the fast decode cache mode.
 
 The compressed cache (260 B/token at the 1.5B shape) stays the one persistent store. For a sequence
 that is decoding, re-deriving every GOLD layer's keys and values for its whole history at each step
-costs ~94 MFLOP per cached token; keeping them (8 layers x 2 x n_embd values, 64 KB/token at the
+costs ~94 MFLOP per cached token; keeping them (n_gold x 2 x n_embd values, 64 KB/token at the
 1.5B shape) turns a step's derivation into the new tokens' only. A working set is derived data: it
 can be dropped at any time (preemption, memory pressure, a session handing the state on) and is
 rebuilt from the compressed cache when the sequence runs again.
+
+Working sets live in one preallocated paged pool (`PagedKVPool`, like a transformer's paged KV
+cache), so a decode step reads them through page tables with one attention kernel for the whole
+batch, and a CUDA graph can replay it. `WorkingSetManager` is the bookkeeping: plain Python, FIFO
+free list of page ids 0..n-1 (exact ids are testable), one `WorkingSet` per sequence.
 """
 from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 
-class KVWorkingSet:
-    """keys/values [n_gold, capacity, C] (keys already rotated when the model uses rotary);
-    `length` positions [0, length) are valid."""
+@dataclass
+class WorkingSet:
+    """One sequence's pages; positions [0, length) hold valid keys and values of every GOLD layer."""
 
-    def __init__(self, n_gold: int, width: int, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
-        self.keys = torch.empty(n_gold, capacity, width, dtype=dtype, device=device)
-        self.values = torch.empty_like(self.keys)
-        self.length = 0
+    pages: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+class PagedKVPool:
+    """keys / values [n_gold, num_pages + 1, page_size, C] (keys already rotated when the model
+    uses rotary). The extra last page is scratch: padded rows of a CUDA-graph batch write there."""
+
+    def __init__(self, n_gold: int, num_pages: int, page_size: int, width: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.page_size = page_size
+        self.keys = torch.zeros(n_gold, num_pages + 1, page_size, width, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.scratch_page = num_pages
 
     @property
-    def capacity(self) -> int:
-        return self.keys.shape[1]
+    def num_pages(self) -> int:
+        return self.scratch_page
 
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
 
-    def reserve(self, n: int) -> None:
-        """Room for n positions (doubling, so growth is amortised)."""
-        if n <= self.capacity:
-            return
-        cap = max(n, 2 * self.capacity)
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype, device=old.device)
-            new[:, : self.length] = old[:, : self.length]
-            setattr(self, name, new)
+    def layer(self, j: int, n_head: int) -> tuple[Tensor, Tensor]:
+        """Layer j's pages as [num_pages + 1, page_size, H, D] views (what the attention kernel reads)."""
+        n, p, c = self.keys.shape[1:]
+        return self.keys[j].view(n, p, n_head, c // n_head), self.values[j].view(n, p, n_head, c // n_head)
 
-    def store(self, layer: int, start: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Writes rows [start, start + n) of one layer; returns that layer's [0, start + n)."""
-        end = start + keys.shape[0]
-        self.keys[layer, start:end] = keys
-        self.values[layer, start:end] = values
-        return self.keys[layer, :end], self.values[layer, :end]
+    def flat_slots(self, pages: list[int], start: int, end: int) -> Tensor:
+        """Flat row index (page * page_size + offset) of positions [start, end) of a page table."""
+        pos = torch.arange(start, end)
+        table = torch.as_tensor(pages, dtype=torch.long)
+        return (table[pos // self.page_size] * self.page_size + pos % self.page_size).to(self.device)
+
+    def write(self, j: int, slots: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Stores rows of layer j at flat slots."""
+        self.keys[j].view(-1, self.keys.shape[-1]).index_copy_(0, slots, keys.to(self.keys.dtype))
+        self.values[j].view(-1, self.values.shape[-1]).index_copy_(0, slots, values.to(self.values.dtype))
+
+    def gather(self, j: int, pages: list[int], length: int) -> tuple[Tensor, Tensor]:
+        """Layer j's keys and values of positions [0, length) of a page table, contiguous."""
+        slots = self.flat_slots(pages, 0, length)
+        return (self.keys[j].view(-1, self.keys.shape[-1]).index_select(0, slots),
+                self.values[j].view(-1, self.values.shape[-1]).index_select(0, slots))
 
 
 class WorkingSetManager:
-    """Gives running sequences working sets while a byte budget allows; the rest derive per step."""
+    """Gives running sequences working sets while free pages last; the rest derive per step."""
 
-    def __init__(self, n_gold: int, width: int, dtype: torch.dtype, device: torch.device, budget_bytes: int,
-                 min_capacity: int = 256) -> None:
-        self.n_gold, self.width, self.dtype, self.device = n_gold, width, dtype, device
-        self.budget_bytes = budget_bytes
-        self.min_capacity = min_capacity
-        self._sets: dict[object, KVWorkingSet] = {}
+    def __init__(self, n_gold: int, width: int, dtype: torch.dtype, device: torch.device | str,
+                 budget_bytes: int, page_size: int = 64) -> None:
+        elt = torch.empty(0, dtype=dtype).element_size()
+        self.bytes_per_token = 2 * n_gold * width * elt
+        self.page_size = page_size
+        num_pages = max(0, int(budget_bytes) // (self.bytes_per_token * page_size) - 1)  # one is scratch
+        self.pool = PagedKVPool(n_gold, num_pages, page_size, width, dtype, device)
+        self._free: deque[int] = deque(range(num_pages))
+        self._sets: dict[object, WorkingSet] = {}
         self.num_created = 0
         self.num_dropped_over_budget = 0
-        self.bytes_per_token = 2 * n_gold * width * torch.tensor([], dtype=dtype).element_size()
+
+    # ---- counters ------------------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
 
     def used_bytes(self) -> int:
-        return sum(ws.nbytes() for ws in self._sets.values())
+        return (self.num_pages - self.num_free_pages) * self.page_size * self.bytes_per_token
 
     def __len__(self) -> int:
         return len(self._sets)
 
-    def for_step(self, owners: list, needed: list[int]) -> list[KVWorkingSet | None]:
-        """Working sets for one step's sequences (needed[i] = positions after the step); drops those
-        of sequences no longer on the device first."""
+    def get(self, owner) -> WorkingSet | None:
+        return self._sets.get(owner)
+
+    # ---- per step ------------------------------------------------------------------------------
+    def for_step(self, owners: list, needed: list[int]) -> list[WorkingSet | None]:
+        """Working sets for one step's sequences, each with pages for `needed[i]` positions (its
+        length after the step). Sets of sequences no longer on the device are dropped first; a
+        sequence whose set cannot grow loses it and derives per step from then on."""
         for owner in [o for o in self._sets if getattr(o, "state_slot", None) is None]:
-            del self._sets[owner]
-        out = []
+            self.drop(owner)
+        out: list[WorkingSet | None] = []
         for owner, n in zip(owners, needed):
             ws = self._sets.get(owner)
-            if ws is None:
-                cap = max(n, self.min_capacity)
-                if self.used_bytes() + cap * self.bytes_per_token > self.budget_bytes:
-                    out.append(None)
-                    continue
-                ws = self._sets[owner] = KVWorkingSet(self.n_gold, self.width, self.dtype, self.device, cap)
-                self.num_created += 1
-            elif n > ws.capacity:
-                extra = (max(n, 2 * ws.capacity) - ws.capacity) * self.bytes_per_token
-                if self.used_bytes() + extra > self.budget_bytes:
-                    del self._sets[owner]  # over budget: this sequence goes back to deriving per step
+            missing = -(-n // self.page_size) - (len(ws.pages) if ws else 0)
+            if missing > len(self._free):
+                if ws is not None:
+                    self.drop(owner)
                     self.num_dropped_over_budget += 1
-                    out.append(None)
-                    continue
-            ws.reserve(n)
+                out.append(None)
+                continue
+            if ws is None:
+                ws = self._sets[owner] = WorkingSet()
+                self.num_created += 1
+            ws.pages.extend(self._free.popleft() for _ in range(max(0, missing)))
             out.append(ws)
         return out
 
     def drop(self, owner) -> None:
-        self._sets.pop(owner, None)
+        ws = self._sets.pop(owner, None)
+        if ws is not None:
+            self._free.extend(ws.pages)
+            ws.pages, ws.length = [], 0
+
+    def check_integrity(self) -> None:
+        """Every page is free or in exactly one set."""
+        held = [p for ws in self._sets.values() for p in ws.pages]
+        if len(set(held)) != len(held) or set(held) & set(self._free):
+            raise AssertionError("a working-set page is held twice or both held and free")
+        if len(held) + len(self._free) != self.num_pages:
+            raise AssertionError(f"{len(held)} held + {len(self._free)} free pages != {self.num_pages}")

@@ -117,13 +117,19 @@ def gold_keys_values(proto_keys: Tensor, token_values: Tensor, w: LayerWeights) 
     proto_keys: [L, C], the decompressed keys `rms_norm(w_kv_cache_b(cat(ln0(emb), compressed)))`;
     token_values: [L, C], `rms_norm(ln0(emb(token)))`. Each token's key and value depend only on it
     and on the token before it (a zero vector before the first)."""
-    xo, k = token_values, proto_keys
-    dxo = shift_one(xo) - xo
+    return gold_keys_values_rows(proto_keys, shift_one(proto_keys), token_values, shift_one(token_values), w)
+
+
+def gold_keys_values_rows(k: Tensor, k_prev: Tensor, xo: Tensor, xo_prev: Tensor,
+                          w: LayerWeights) -> tuple[Tensor, Tensor]:
+    """Keys and values of independent rows, each given with its predecessor's proto-key and token
+    value ([N, C] each): a decode step derives only its new tokens this way."""
+    dxo = xo_prev - xo
     xxx = xo + dxo * w["att.time_maa_v_cache"]
     n_mix = w["att.time_maa_kv_w2"].shape[0]
     mix = torch.tanh(xxx @ w["att.time_maa_kv_w1"]).view(xo.shape[0], n_mix, -1).transpose(0, 1)
     mk, mv = torch.bmm(mix, w["att.time_maa_kv_w2"]).unbind(0)
-    k = k + (shift_one(k) - k) * (w["att.time_maa_k"] + mk)
+    k = k + (k_prev - k) * (w["att.time_maa_k"] + mk)
     v = xo + dxo * (w["att.time_maa_v"] + mv)
     k = k + torch.tanh(k @ w["att.time_key_w1"]) @ w["att.time_key_w2"]
     v = v + torch.tanh(v @ w["att.time_value_w1"]) @ w["att.time_value_w2"]
@@ -139,3 +145,33 @@ def rotary(x: Tensor, positions: Tensor, theta: float, rescale: float) -> Tensor
     rot = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # [L, 1, D/2]
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * rot
     return torch.view_as_real(xc).flatten(-2).to(x.dtype)
+
+
+# ---- whole stretches between a block's state reads and writes (the decode step compiles each
+# into a few fused kernels: a batch-1 step is bound by its kernel count) ---------------------------
+def finch_tmix_in(x: Tensor, prev_xa: Tensor, w: LayerWeights, cfg: ModelConfig):
+    """ln1 and the time-mix projections; returns (xa, r, k, v, log_decay, u, extra)."""
+    xa = layer_norm(x, w, "ln1")
+    return (xa, *finch_tmix_projections(xa, prev_xa, w, cfg))
+
+
+def finch_tmix_out(x: Tensor, y: Tensor, extra: Tensor | None, w: LayerWeights, cfg: ModelConfig):
+    """Residual of the time mix and ln2; returns (x, xf)."""
+    x = x + finch_tmix_output(y, extra, w, cfg)
+    return x, layer_norm(x, w, "ln2")
+
+
+def channel_mix_residual(x: Tensor, xf: Tensor, prev: Tensor, w: LayerWeights) -> Tensor:
+    return x + channel_mix(xf, prev, w)
+
+
+def gold_query_in(x: Tensor, prev_xa: Tensor, w: LayerWeights):
+    """ln1 and the GOLD query; returns (xa, q)."""
+    xa = layer_norm(x, w, "ln1")
+    return xa, gold_query(xa, prev_xa, w)
+
+
+def gold_attention_out(x: Tensor, attended: Tensor, w: LayerWeights):
+    """Output projection and residual of GOLD attention, and ln2; returns (x, xb)."""
+    x = x + linear(layer_norm(attended, w, "att.ln_x"), w, "att.output")
+    return x, layer_norm(x, w, "ln2")

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.dispatch import wkv_decode, wkv_prefill
+from kernels.dispatch import paged_attention, wkv_decode, wkv_prefill
 
 from . import layers as L
 from .config import ModelConfig
+from .gold_keys import StepKeys
+from .layer_ops import LayerOps, compile_requested
 from .loader import Checkpoint
 from .state import ContiguousKeyCache, KeyCacheView, RNNStatePool
 from .token_shift import IndexCache as _IndexCache, Windows as _Windows, select_with_prev as _select_with_prev
@@ -52,7 +54,7 @@ class GoldWorkCounter:
 
 
 class GoldFinchModel:
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, compile_layers: bool | None = None) -> None:
         self.config: ModelConfig = checkpoint.config
         w = checkpoint.weights
         self.dtype = w["emb.weight"].dtype
@@ -63,6 +65,7 @@ class GoldFinchModel:
         self.ln_out = (w["ln_out.weight"], w["ln_out.bias"])
         self.w_compress, self.w_decompress = w["w_kv_cache_a.weight"], w["w_kv_cache_b.weight"]
         self.gold_work = GoldWorkCounter()
+        self.ops = LayerOps(compile_requested(self.device) if compile_layers is None else compile_layers)
 
     # ---- embeddings and key derivation -------------------------------------------------------
     def embed(self, token_ids: Tensor) -> Tensor:
@@ -89,12 +92,11 @@ class GoldFinchModel:
             x = self._finch_block(layer, x, win, batch, rnn)
         keys.write(F.linear(x, self.w_compress), batch.token_ids)
         x, win = self._gold_input_window(x, win, batch.all_logits)
-        histories = [self._history(keys, i, batch) for i in range(len(batch.query_lens))]
+        step_keys = StepKeys(cfg, self.decompress, keys, batch.context_lens, batch.query_lens,
+                             self.ops.gold_keys_values_rows)
         for j, layer in enumerate(range(cfg.gold_start, cfg.n_layer)):
-            x, win = self._gold_block(layer, j, x, win, batch, rnn, histories)
-        for i, h in enumerate(histories):
-            if h.working_set is not None:
-                h.working_set.length = batch.context_lens[i] + batch.query_lens[i]
+            x, win = self._gold_block(layer, j, x, win, batch, rnn, step_keys)
+        step_keys.finish()
         x = F.layer_norm(x, (x.shape[-1],), *self.ln_out)
         return F.linear(x, self.head)
 
@@ -103,13 +105,13 @@ class GoldFinchModel:
         xa = L.layer_norm(x, w, "ln1")
         cur, prev, last = _select_with_prev(xa, win, win.starts, rnn.tmix_shift[layer, slots], self._idx)
         rnn.tmix_shift[layer, slots] = last
-        r, k, v, log_decay, u, extra = L.finch_tmix_projections(cur, prev, w, cfg)
+        r, k, v, log_decay, u, extra = self.ops.finch_tmix_projections(cur, prev, w, cfg)
         y = self._wkv(layer, r, k, v, log_decay, u, batch, rnn)
-        x = x + L.finch_tmix_output(y, extra, w, cfg)
+        x = x + self.ops.finch_tmix_output(y, extra, w, cfg)
         xf = L.layer_norm(x, w, "ln2")
         cur, prev, last = _select_with_prev(xf, win, win.starts, rnn.cmix_shift[layer, slots], self._idx)
         rnn.cmix_shift[layer, slots] = last
-        return x + L.channel_mix(cur, prev, w)
+        return x + self.ops.channel_mix(cur, prev, w)
 
     def _wkv(self, layer: int, r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, u: Tensor,
              batch: StepBatch, rnn: RNNStatePool) -> Tensor:
@@ -155,34 +157,8 @@ class GoldFinchModel:
             base += T
         return x[self._idx.get(("gold_in", tuple(starts), tuple(win.lens)), lambda: rows)], _Windows(starts, list(win.lens))
 
-    def _history(self, keys: KeyCacheView, i: int, batch: StepBatch) -> "_History":
-        """What GOLD layers derive keys and values from for sequence i this step: the whole
-        history, or, when its working set holds every earlier position, only the new tokens (and
-        the one before them, which their token shift reads)."""
-        ctx = batch.context_lens[i]
-        ws = keys.working_set(i) if hasattr(keys, "working_set") else None
-        if ws is not None and ws.length == ctx and ctx > 0:
-            return _History(*self.decompress(*keys.read_from(i, ctx - 1)), start=ctx - 1, working_set=ws)
-        if ws is not None:
-            ws.length = 0  # stale or new: rebuilt from the compressed cache in this step
-        return _History(*self.decompress(*keys.read(i)), start=0, working_set=ws)
-
-    def _layer_keys_values(self, j: int, w: L.LayerWeights, h: "_History") -> tuple[Tensor, Tensor]:
-        """GOLD layer j's keys (rotated) and values for every position of a history."""
-        cfg = self.config
-        keys, values = L.gold_keys_values(h.proto_keys, h.token_values, w)
-        if cfg.rope is not None:
-            pos = torch.arange(h.start, h.start + keys.shape[0], device=keys.device)
-            keys = L.rotary(keys.view(keys.shape[0], cfg.n_head, -1), pos, cfg.rope.theta,
-                            cfg.rope.rescale).reshape(keys.shape)
-        if h.start > 0:  # the first row only served its successor's token shift
-            keys, values = keys[1:], values[1:]
-        if h.working_set is None:
-            return keys, values
-        return h.working_set.store(j, h.start + 1 if h.start > 0 else 0, keys, values)
-
     def _gold_block(self, layer: int, j: int, x: Tensor, win: _Windows, batch: StepBatch,
-                    rnn: RNNStatePool, histories: list["_History"]) -> tuple[Tensor, _Windows]:
+                    rnn: RNNStatePool, step_keys: StepKeys) -> tuple[Tensor, _Windows]:
         w, slots = self.blocks[layer], batch.state_slots
         out_starts = [self._window_start(j, T, batch.all_logits) for T in win.lens]
         q_starts = [max(0, s - 1) if not batch.all_logits else 0 for s in out_starts]
@@ -191,64 +167,54 @@ class GoldFinchModel:
         rnn.tmix_shift[layer, slots] = last
         q_win = _Windows(q_starts, win.lens)
         x_mid, _, _ = _select_with_prev(x, win, q_starts, torch.zeros_like(x[: len(win.lens)]), self._idx)
-        x_mid = x_mid + self._gold_attention(j, w, L.gold_query(cur, prev, w), q_win, batch, histories)
+        x_mid = x_mid + self._gold_attention(j, w, self.ops.gold_query(cur, prev, w), q_win, batch, step_keys)
         xb = L.layer_norm(x_mid, w, "ln2")
         cur, prev, last = _select_with_prev(xb, q_win, out_starts, rnn.cmix_shift[layer, slots], self._idx)
         rnn.cmix_shift[layer, slots] = last
         x_out, _, _ = _select_with_prev(x_mid, q_win, out_starts, torch.zeros_like(x[: len(win.lens)]), self._idx)
-        return x_out + L.channel_mix(cur, prev, w), _Windows(out_starts, win.lens)
-
-    def _tails_keys_values(self, j: int, w: L.LayerWeights, histories: list["_History"]) -> dict[int, tuple]:
-        """Layer j's keys/values of every sequence that derives only its new tokens, in one packed
-        call (rather than a few dozen small kernels per sequence). Each tail's first row stands
-        before its new tokens: it only feeds their token shift, so a shift across the seam between
-        two packed tails lands on a row that is dropped."""
-        tails = [i for i, h in enumerate(histories) if h.start > 0 and h.working_set is not None]
-        if len(tails) < 2:
-            return {}
-        proto = torch.cat([histories[i].proto_keys for i in tails])
-        values_in = torch.cat([histories[i].token_values for i in tails])
-        keys, values = L.gold_keys_values(proto, values_in, w)
-        if self.config.rope is not None:
-            pos = torch.cat([torch.arange(histories[i].start, histories[i].start + histories[i].proto_keys.shape[0],
-                                          device=keys.device) for i in tails])
-            keys = L.rotary(keys.view(keys.shape[0], self.config.n_head, -1), pos, self.config.rope.theta,
-                            self.config.rope.rescale).reshape(keys.shape)
-        out, row = {}, 0
-        for i in tails:
-            h = histories[i]
-            n = h.proto_keys.shape[0]
-            out[i] = h.working_set.store(j, h.start + 1, keys[row + 1: row + n], values[row + 1: row + n])
-            row += n
-        return out
+        return x_out + self.ops.channel_mix(cur, prev, w), _Windows(out_starts, win.lens)
 
     def _gold_attention(self, j: int, w: L.LayerWeights, q: Tensor, q_win: _Windows, batch: StepBatch,
-                        histories: list["_History"]) -> Tensor:
-        """Each query row attends over its sequence's whole history, end-aligned causal."""
+                        step_keys: StepKeys) -> Tensor:
+        """Each query row attends over its sequence's whole history, end-aligned causal: decoding
+        sequences with a working set in one paged call, the others one SDPA each."""
         cfg = self.config
         H, D = cfg.n_head, cfg.head_size
-        outs, base = [], 0
-        packed = self._tails_keys_values(j, w, histories)
-        for i, (s, T) in enumerate(zip(q_win.starts, q_win.lens)):
-            n_q, ctx = T - s, batch.context_lens[i]
-            keys, values = packed[i] if i in packed else self._layer_keys_values(j, w, histories[i])
+        n_queries = [T - s for s, T in zip(q_win.starts, q_win.lens)]
+        kv = step_keys.layer(j, w, n_queries)
+        q_pos = self._idx.get(("q_pos", tuple(q_win.starts), tuple(q_win.lens), batch.context_lens), lambda: [
+            p for s, T, ctx in zip(q_win.starts, q_win.lens, batch.context_lens) for p in range(ctx + s, ctx + T)])
+        q = q.view(-1, H, D)
+        if cfg.rope is not None:
+            q = L.rotary(q, q_pos, cfg.rope.theta, cfg.rope.rescale)
+        out = torch.empty_like(q)
+        bases = [0]
+        for n in n_queries:
+            bases.append(bases[-1] + n)
+        paged = [i for i in range(len(n_queries)) if kv[i] is None]
+        if paged:
+            rows = self._idx.get(("paged_rows", tuple(bases), tuple(paged)), lambda: [bases[i] for i in paged])
+            tables, lens = step_keys.page_tables(paged)
+            k_pages, v_pages = step_keys.pool.layer(j, H)
+            out[rows] = paged_attention(q[rows], k_pages, v_pages, tables, lens)
+            self.gold_work.query_rows += len(paged)
+            self.gold_work.key_rows += int(sum(batch.context_lens[i] + batch.query_lens[i] for i in paged))
+        for i, n_q in enumerate(n_queries):
+            if kv[i] is None:
+                continue
+            keys, values = kv[i]
             n_k = keys.shape[0]
-            qi = q[base: base + n_q].view(n_q, H, D)
-            ki, vi = keys.view(n_k, H, D), values.view(n_k, H, D)
-            q_pos = torch.arange(ctx + s, ctx + T, device=q.device)
-            if cfg.rope is not None:
-                qi = L.rotary(qi, q_pos, cfg.rope.theta, cfg.rope.rescale)
+            qi = q[bases[i]: bases[i] + n_q].transpose(0, 1)
+            ki, vi = keys.view(n_k, H, D).transpose(0, 1), values.view(n_k, H, D).transpose(0, 1)
             if n_q == 1:  # decode: the one query sees every key
-                o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
+                o = F.scaled_dot_product_attention(qi, ki, vi)
             else:
-                visible = torch.arange(n_k, device=q.device)[None, :] <= q_pos[:, None]
-                o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-                                                   attn_mask=visible)
-            outs.append(o.transpose(0, 1).reshape(n_q, H * D))
+                visible = torch.arange(n_k, device=q.device)[None, :] <= q_pos[bases[i]: bases[i] + n_q, None]
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=visible)
+            out[bases[i]: bases[i] + n_q] = o.transpose(0, 1)
             self.gold_work.query_rows += n_q
             self.gold_work.key_rows += n_q * n_k
-            base += n_q
-        out = L.layer_norm(torch.cat(outs), w, "att.ln_x")
+        out = L.layer_norm(out.view(-1, H * D), w, "att.ln_x")
         return L.linear(out, w, "att.output")
 
     # ---- plain, unpaged convenience path ------------------------------------------------------
@@ -271,17 +237,6 @@ class GoldFinchModel:
                           all_logits=all_logits)
         logits = self.step(batch, state.rnn, state.keys)
         return (logits.view(B, T, -1) if all_logits else logits), state
-
-
-@dataclass
-class _History:
-    """A sequence's keys source for one step: proto-keys and token values of positions
-    [start, ctx + q), and its K/V working set if it has one."""
-
-    proto_keys: Tensor
-    token_values: Tensor
-    start: int
-    working_set: object | None = None
 
 
 @dataclass

@@ -1,23 +1,53 @@
-"""Turns a scheduler decision into one model step over the paged cache and state slots."""
+"""Turns a scheduler decision into one model step over the paged cache and state slots.
+
+A step in which every sequence decodes one token over a complete K/V working set takes the static
+decode step (`engine.decode_step`), replayed from a CUDA graph on a GPU; any other step (prompts,
+chunks, sequences deriving their keys from the compressed cache) runs the general
+`GoldFinchModel.step`. Both give the same tokens (tests compare them token for token).
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from kernels.dispatch import use_triton
+
 from .cache_manager import CacheManager
-from .kv_working_set import WorkingSetManager
+from .cuda_graphs import DecodeGraphs, DecodeRows, Scratch, run_eager
+from .decode_step import DecodeStep
+from .kv_working_set import WorkingSet, WorkingSetManager
 from .model import GoldFinchModel, StepBatch
 from .scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: GoldFinchModel, cache: CacheManager, working_set_bytes: int = 0) -> None:
+    def __init__(self, model: GoldFinchModel, cache: CacheManager, working_set_bytes: int = 0,
+                 decode_fast_path: bool = True, cuda_graphs: bool = True, max_num_seqs: int = 64,
+                 max_model_len: int = 4096, page_size: int = 64) -> None:
         self.model = model
         self.cache = cache
         self.device = model.device
         mc = model.config
-        self.working_sets = (WorkingSetManager(mc.n_gold, mc.dim_att, model.dtype, model.device, working_set_bytes)
+        self.working_sets = (WorkingSetManager(mc.n_gold, mc.dim_att, model.dtype, model.device, working_set_bytes,
+                                               page_size)
                              if working_set_bytes > 0 else None)
+        if self.working_sets is not None:
+            cache.on_release.append(self.working_sets.drop)
+        self.decode_step = self.graphs = None
+        self.num_fast_steps = 0
+        if self.working_sets is not None and self.working_sets.num_pages > 0 and decode_fast_path:
+            pool = self.working_sets.pool
+            self.decode_step = DecodeStep(model, cache.rnn, cache.keys, pool)
+            self.scratch = Scratch(state_slot=cache.scratch_state_slot, key_slot=cache.scratch_key_slot,
+                                   kv_slot=pool.scratch_page * pool.page_size)
+            # graphs need the Triton kernels (the references read lengths back to the host)
+            if cuda_graphs and use_triton(model.emb):
+                self.graphs = DecodeGraphs(self.decode_step, max_num_seqs,
+                                           -(-max_model_len // pool.page_size), self.scratch)
+
+    def capture_graphs(self) -> float:
+        """Captures the decode graphs (seconds taken; 0 without graphs)."""
+        return self.graphs.capture() if self.graphs is not None else 0.0
 
     def build_batch(self, sched: SchedulerOutput) -> StepBatch:
         tokens: list[int] = []
@@ -35,13 +65,48 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> Tensor:
         """Runs the step; returns the logits of each scheduled sequence's last new token [B, V]
         (float32). Advances `num_computed_tokens` only after the step succeeded."""
-        batch = self.build_batch(sched)
         seqs = [s.seq for s in sched.scheduled]
-        view = self.cache.step_view(seqs, list(batch.context_lens), list(batch.query_lens))
-        if self.working_sets is not None:
-            view.working_sets = self.working_sets.for_step(
-                seqs, [c + q for c, q in zip(batch.context_lens, batch.query_lens)])
-        logits = self.model.step(batch, self.cache.rnn, view)
+        ctx = [s.context_len for s in sched.scheduled]
+        q = [s.num_new_tokens for s in sched.scheduled]
+        sets = (self.working_sets.for_step(seqs, [c + n for c, n in zip(ctx, q)])
+                if self.working_sets is not None else None)
+        if self._fast_decode_applies(ctx, q, sets):
+            logits = self._fast_decode(sched, sets)
+        else:
+            batch = self.build_batch(sched)
+            view = self.cache.step_view(seqs, ctx, q)
+            if sets is not None:
+                view.working_sets, view.kv_pool = sets, self.working_sets.pool
+            logits = self.model.step(batch, self.cache.rnn, view)
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
         return logits.float()
+
+    def _fast_decode_applies(self, ctx: list[int], q: list[int], sets: list[WorkingSet | None] | None) -> bool:
+        if self.decode_step is None or sets is None or not ctx:
+            return False
+        if self.graphs is not None and len(ctx) > self.graphs.max_batch:
+            return False
+        return all(n == 1 and c > 0 and ws is not None and ws.length == c for c, n, ws in zip(ctx, q, sets))
+
+    def _fast_decode(self, sched: SchedulerOutput, sets: list[WorkingSet]) -> Tensor:
+        bs, ps = self.cache.block_size, self.working_sets.page_size
+        rows = DecodeRows([], [], [], [], [], [], [])
+        for s, ws in zip(sched.scheduled, sets):
+            seq, pos = s.seq, s.context_len
+            table = seq.block_table
+            rows.token_ids.append(seq.token_at(pos))
+            rows.state_slots.append(seq.state_slot)
+            rows.positions.append(pos)
+            rows.key_slots.append(table[pos // bs] * bs + pos % bs)
+            rows.prev_key_slots.append(table[(pos - 1) // bs] * bs + (pos - 1) % bs)
+            rows.kv_slots.append(ws.pages[pos // ps] * ps + pos % ps)
+            rows.page_tables.append(ws.pages)
+        if self.graphs is not None:
+            logits = self.graphs.run(rows)
+        else:
+            logits = run_eager(self.decode_step, rows, self.scratch, self.device)
+        for s, ws in zip(sched.scheduled, sets):
+            ws.length = s.context_len + 1
+        self.num_fast_steps += 1
+        return logits

@@ -1,4 +1,5 @@
-"""Which WKV6 implementation runs: the Triton kernels on CUDA tensors, the PyTorch reference elsewhere.
+"""Which implementation runs (WKV6, paged decode attention): the Triton kernels on CUDA tensors, the
+PyTorch reference elsewhere.
 
 Set `GOLDFINCH_KERNELS=reference` to force the reference on CUDA as well (debugging, A/B checks).
 The Triton modules are imported only when a CUDA tensor first arrives, so the CPU path needs no
@@ -6,12 +7,14 @@ Triton and a CPU process never compiles anything.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from .paged_attention_reference import paged_decode_attention_reference
 from .wkv6_reference import wkv6_chunked, wkv6_step
 
 ENV_VAR = "GOLDFINCH_KERNELS"
@@ -55,3 +58,39 @@ def wkv_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, cu_seqlen
         state_pool[slot] = state[0]
         y[sl] = out[0]
     return y
+
+
+SPLIT_WAVES = 4  # (sequence, head, split) programs per multiprocessor that the default split aims at
+MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100 SXM
+
+
+def default_num_splits(batch: int, heads: int, max_pages: int, sms: int = 132) -> int:
+    """Splits per (sequence, head) for paged decode attention: the next power of two of
+    ceil(SPLIT_WAVES * sms / (batch * heads)), so that the grid fills every multiprocessor a few
+    times over, clamped to [1, MAX_SPLITS] and to the pages a sequence can have (max_pages). Depends
+    on shapes only, so a CUDA graph captured at one batch size keeps its grid."""
+    want = -(-SPLIT_WAVES * sms // max(1, batch * heads))
+    splits = 1 << (want - 1).bit_length()  # next power of two (1 -> 1)
+    return max(1, min(splits, MAX_SPLITS, max_pages))
+
+
+def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                    num_splits: int | None = None, scale: float | None = None) -> Tensor:
+    """Decode attention over paged keys/values. q: [B, H, D]; k_pages, v_pages: [num_blocks, page_size,
+    H, D]; block_tables: [B, max_pages] int32; seq_lens: [B] int32 (0: a zero row). Returns [B, H, D]
+    in q's dtype. num_splits (Triton only) defaults to `default_num_splits` for the batch and the
+    device's multiprocessors; scale to 1/sqrt(D)."""
+    if use_triton(q):
+        from .paged_attention import paged_decode_attention
+
+        if num_splits is None:
+            num_splits = default_num_splits(q.shape[0], q.shape[1], block_tables.shape[-1], _sm_count(q.device))
+        return paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, num_splits, scale)
+    return paged_decode_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, scale)

@@ -194,22 +194,31 @@ def test_failed_step_fails_only_its_requests():
 
 
 @pytest.mark.parametrize("case", ["goldfinch_l6_d128", "goldfinch_rope_l6_d128", "goldfinch_upgrade_l6_d256"])
-@pytest.mark.parametrize("working_set_bytes", [0, 40_000, 64 << 20])
-def test_kv_working_sets_change_nothing(case, working_set_bytes):
-    """Materialised per-layer K/V (all, some sequences, none: derive every step) give the plain path's
-    tokens; 40 KB holds a working set or two, so sets are refused and dropped as sequences grow."""
+@pytest.mark.parametrize("pages", [0, 6, 4096])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_kv_working_sets_change_nothing(case, pages, fast_path):
+    """Materialised per-layer K/V (all, some sequences, none: derive every step), decoded through the
+    static decode step or the general step, give the plain path's tokens; 5 pages of 8 tokens hold a
+    set or two, so sets are refused and dropped as sequences grow."""
     model = load_model(case)
-    engine = LLMEngine(model, None, EngineConfig(cache_tokens=4096, check_integrity=True,
-                                                 kv_working_set_bytes=working_set_bytes, max_num_batched_tokens=32))
-    if engine.runner.working_sets is not None:
-        engine.runner.working_sets.min_capacity = 16  # small sets, so that growth meets the budget
+    mc = model.config
+    page_bytes = 8 * 2 * mc.n_gold * mc.dim_att * 4  # float32
+    engine = LLMEngine(model, None, EngineConfig(cache_tokens=4096, check_integrity=True, kv_working_set_page_size=8,
+                                                 kv_working_set_bytes=pages * page_bytes, max_num_batched_tokens=32,
+                                                 decode_fast_path=fast_path))
     ps = prompts(4, seed=40, lo=5, hi=50)
     outs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     for p, o in zip(ps, outs):
         assert o.outputs[0].token_ids == greedy_plain(model, p, 8)
     ws = engine.runner.working_sets
-    assert (ws is None) == (working_set_bytes == 0)
+    assert (ws is None) == (pages == 0)
     if ws is not None:
-        assert ws.used_bytes() <= working_set_bytes and ws.num_created > 0
-        if working_set_bytes == 40_000:
+        assert ws.num_pages == pages - 1 and ws.num_created > 0 and ws.num_free_pages == ws.num_pages
+        if pages == 6:
             assert ws.num_dropped_over_budget > 0
+    if fast_path and pages == 4096:
+        assert engine.runner.num_fast_steps > 0
+    if not fast_path or pages == 0:
+        assert engine.runner.num_fast_steps == 0
+
+

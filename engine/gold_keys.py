@@ -1,0 +1,133 @@
+"""Where each sequence's GOLD keys and values come from in one (eager) model step.
+
+A sequence with a working set (`engine.kv_working_set`) whose pages hold every earlier position
+derives only its new tokens (and reads the one before them for the token shift); one without,
+or whose set is new or stale, derives its whole history from the compressed cache. Everything
+derived for a sequence with a set is written to its pages, in one packed call per layer for all
+such sequences. A decoding sequence with a set then attends through its page table (one paged
+attention call for all of them); the others attend over contiguous keys with SDPA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import layers as L
+from .config import ModelConfig
+
+
+@dataclass
+class History:
+    """Proto-keys and token values of positions [start, ctx + q) of one sequence, and its working
+    set (None: derive every step)."""
+
+    proto_keys: Tensor
+    token_values: Tensor
+    start: int
+    working_set: object | None = None
+
+
+class StepKeys:
+    def __init__(self, config: ModelConfig, decompress, keys_view, context_lens: tuple[int, ...],
+                 query_lens: tuple[int, ...], keys_values_rows=L.gold_keys_values_rows) -> None:
+        self.config = config
+        self._keys_values_rows = keys_values_rows
+        self.pool = getattr(keys_view, "kv_pool", None)
+        self.context_lens, self.query_lens = context_lens, query_lens
+        self.histories = [self._history(decompress, keys_view, i) for i in range(len(query_lens))]
+        self.with_set = [i for i, h in enumerate(self.histories) if h.working_set is not None]
+        if self.with_set:
+            self._pack()
+
+    def _history(self, decompress, view, i: int) -> History:
+        ctx = self.context_lens[i]
+        ws = view.working_set(i) if hasattr(view, "working_set") else None
+        if ws is not None and ws.length == ctx and ctx > 0:
+            return History(*decompress(*view.read_from(i, ctx - 1)), start=ctx - 1, working_set=ws)
+        if ws is not None:
+            ws.length = 0  # stale or new: rebuilt from the compressed cache in this step
+        return History(*decompress(*view.read(i)), start=0, working_set=ws)
+
+    def _pack(self) -> None:
+        """The rows of all sequences with sets as one batch: predecessor rows (zero before a
+        history's first token), the rows to keep (a tail's first row only feeds the token shift),
+        their pool slots and positions."""
+        hs = [self.histories[i] for i in self.with_set]
+        self.proto = torch.cat([h.proto_keys for h in hs])
+        self.values_in = torch.cat([h.token_values for h in hs])
+        keep, slots, positions, zero_prev, row = [], [], [], [], 0
+        for h in hs:
+            n = h.proto_keys.shape[0]
+            first = 1 if h.start > 0 else 0
+            if first == 0:
+                zero_prev.append(row)
+            keep.extend(range(row + first, row + n))
+            positions.extend(range(h.start, h.start + n))
+            slots.append(self.pool.flat_slots(h.working_set.pages, h.start + first, h.start + n))
+            row += n
+        device = self.proto.device
+        self.prev_proto, self.prev_values = L.shift_one(self.proto), L.shift_one(self.values_in)
+        if zero_prev:
+            zp = torch.tensor(zero_prev, device=device)
+            self.prev_proto[zp] = 0
+            self.prev_values[zp] = 0
+        self.keep = torch.tensor(keep, dtype=torch.long, device=device)
+        self.slots = torch.cat(slots)
+        self.positions = torch.tensor(positions, device=device)
+        self.row_offsets = [0]
+        for h in hs:
+            self.row_offsets.append(self.row_offsets[-1] + h.proto_keys.shape[0])
+        self._tables: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+
+    # ---- one layer -----------------------------------------------------------------------------
+    def _rotate(self, keys: Tensor, positions: Tensor) -> Tensor:
+        cfg = self.config
+        if cfg.rope is None:
+            return keys
+        return L.rotary(keys.view(keys.shape[0], cfg.n_head, -1), positions, cfg.rope.theta,
+                        cfg.rope.rescale).reshape(keys.shape)
+
+    def layer(self, j: int, w: L.LayerWeights, n_queries: list[int]) -> dict[int, tuple[Tensor, Tensor] | None]:
+        """GOLD layer j's keys/values per sequence: contiguous [n_k, C] pairs, or None for a
+        sequence that attends through its pages (one query and a set)."""
+        out: dict[int, tuple[Tensor, Tensor] | None] = {}
+        if self.with_set:
+            keys, values = self._keys_values_rows(self.proto, self.prev_proto, self.values_in, self.prev_values, w)
+            keys = self._rotate(keys, self.positions)
+            self.pool.write(j, self.slots, keys[self.keep], values[self.keep])
+            for n, i in enumerate(self.with_set):
+                h = self.histories[i]
+                if n_queries[i] == 1:
+                    out[i] = None
+                elif h.start == 0:
+                    sl = slice(self.row_offsets[n], self.row_offsets[n + 1])
+                    out[i] = keys[sl], values[sl]
+                else:
+                    out[i] = self.pool.gather(j, h.working_set.pages, self.context_lens[i] + self.query_lens[i])
+        for i, h in enumerate(self.histories):
+            if h.working_set is None:
+                keys, values = L.gold_keys_values(h.proto_keys, h.token_values, w)
+                out[i] = self._rotate(keys, torch.arange(keys.shape[0], device=keys.device)), values
+        return out
+
+    def page_tables(self, seqs: list[int]) -> tuple[Tensor, Tensor]:
+        """int32 page tables [n, P] and key counts [n] of sequences that attend through pages
+        (built once per step: every layer reads the same)."""
+        memo = self._tables.get(tuple(seqs))
+        if memo is not None:
+            return memo
+        pages = [self.histories[i].working_set.pages for i in seqs]
+        width = max(len(p) for p in pages)
+        device = self.proto.device
+        tables = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.int32, device=device)
+        lens = torch.tensor([self.context_lens[i] + self.query_lens[i] for i in seqs], dtype=torch.int32,
+                            device=device)
+        self._tables[tuple(seqs)] = tables, lens
+        return tables, lens
+
+    def finish(self) -> None:
+        """Marks every set as holding the whole history after the step."""
+        for i in self.with_set:
+            self.histories[i].working_set.length = self.context_lens[i] + self.query_lens[i]

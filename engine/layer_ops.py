@@ -1,0 +1,31 @@
+"""The per-layer arithmetic a model step calls, plain or through `torch.compile`.
+
+Between the matmuls a Finch or GOLD layer is dozens of small elementwise ops (token-shift mixes,
+LoRA activations, norms); compiled, each chain becomes one fused kernel, which cuts both the memory
+traffic of a long prefill and the kernel count of a decode step. Shapes are dynamic (one compile
+serves every batch and prompt length); compiled only on CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import layers as L
+
+ENV_VAR = "GOLDFINCH_COMPILE"
+FUNCTIONS = ("finch_tmix_projections", "finch_tmix_output", "channel_mix", "gold_query", "gold_keys_values_rows",
+             "finch_tmix_in", "finch_tmix_out", "channel_mix_residual", "gold_query_in", "gold_attention_out")
+
+
+def compile_requested(device: torch.device) -> bool:
+    """Compiled on CUDA unless GOLDFINCH_COMPILE=0; never on the CPU."""
+    return device.type == "cuda" and os.environ.get(ENV_VAR, "1").strip() not in ("0", "false", "no")
+
+
+class LayerOps:
+    def __init__(self, compiled: bool) -> None:
+        self.compiled = compiled
+        for name in FUNCTIONS:
+            fn = getattr(L, name)
+            setattr(self, name, torch.compile(fn, dynamic=True) if compiled else fn)
