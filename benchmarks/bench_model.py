@@ -260,7 +260,7 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
     result["capacity"] = capacity(model)
-    lengths = [int(x) for x in args.prefill.split(",")]
+    lengths = [int(x) for x in args.prefill.split(",") if x]
     result["prefill"] = bench_prefill(model, lengths, start + args.budget_s * 0.45)
     cases = [(*(int(v) for v in c.split("x")), "sets") for c in args.decode.split(",") if c]
     cases += [(*(int(v) for v in c.split("x")), "derive") for c in args.derive.split(",") if c]

@@ -124,9 +124,10 @@ class DecodeGraphs:
 
     def _fill(self, rows: DecodeRows, b: int) -> None:
         cols, tables = host_inputs(rows, b, self.max_pages, self.scratch)
-        self._cols[:, :b].copy_(cols)
-        self._seq_lens[:b].copy_(cols[-1])
-        self._tables[:b].copy_(tables)
+        cols, tables = cols.pin_memory(), tables.pin_memory()  # queued copies, no stall (host_copy.py)
+        self._cols[:, :b].copy_(cols, non_blocking=True)
+        self._seq_lens[:b].copy_(cols[-1], non_blocking=True)
+        self._tables[:b].copy_(tables, non_blocking=True)
 
     def run(self, rows: DecodeRows) -> Tensor:
         """Logits [n, V] of the n sequences (a view into the graph's output, valid until the next run)."""

@@ -16,6 +16,7 @@ import torch
 
 from .cache_manager import CacheManager
 from .config_engine import EngineConfig, cache_config_for, working_set_budget
+from .host_copy import to_device
 from .model import GoldFinchModel
 from .model_runner import ModelRunner
 from .outputs import CompletionDelta, RequestOutput, RequestUpdate, TokenLogprob
@@ -197,7 +198,7 @@ class LLMEngine:
         return out
 
     def _sample(self, logits: torch.Tensor, ready: list[tuple[int, Sequence]]):
-        rows = torch.tensor([row for row, _ in ready], device=logits.device)
+        rows = to_device([row for row, _ in ready], torch.long, logits.device)
         seqs = [seq for _, seq in ready]
         batch = make_sampling_batch(
             [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs],

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import layers as L
 from .config import ModelConfig
+from .host_copy import to_device
 
 
 @dataclass
@@ -70,12 +71,12 @@ class StepKeys:
         device = self.proto.device
         self.prev_proto, self.prev_values = L.shift_one(self.proto), L.shift_one(self.values_in)
         if zero_prev:
-            zp = torch.tensor(zero_prev, device=device)
+            zp = to_device(zero_prev, torch.long, device)
             self.prev_proto[zp] = 0
             self.prev_values[zp] = 0
-        self.keep = torch.tensor(keep, dtype=torch.long, device=device)
+        self.keep = to_device(keep, torch.long, device)
         self.slots = torch.cat(slots)
-        self.positions = torch.tensor(positions, device=device)
+        self.positions = to_device(positions, torch.long, device)
         self.row_offsets = [0]
         for h in hs:
             self.row_offsets.append(self.row_offsets[-1] + h.proto_keys.shape[0])
@@ -121,9 +122,8 @@ class StepKeys:
         pages = [self.histories[i].working_set.pages for i in seqs]
         width = max(len(p) for p in pages)
         device = self.proto.device
-        tables = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.int32, device=device)
-        lens = torch.tensor([self.context_lens[i] + self.query_lens[i] for i in seqs], dtype=torch.int32,
-                            device=device)
+        tables = to_device([p + [0] * (width - len(p)) for p in pages], torch.int32, device)
+        lens = to_device([self.context_lens[i] + self.query_lens[i] for i in seqs], torch.int32, device)
         self._tables[tuple(seqs)] = tables, lens
         return tables, lens
 

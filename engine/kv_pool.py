@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .host_copy import to_device
 from .state import TOKEN_ID_DTYPE
 
 
@@ -83,16 +84,19 @@ class PagedKeyCache:
         """Flat slots of positions [start, length) through `block_table`, on the pool's device."""
         if len(block_table) * self.block_size < length:
             raise ValueError(f"{len(block_table)} blocks of {self.block_size} cannot hold {length} tokens")
-        table = torch.as_tensor(block_table, dtype=torch.long, device=self.device)
-        pos = torch.arange(start, length, device=self.device)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+        if isinstance(block_table, Tensor) and block_table.device == self.device:
+            pos = torch.arange(start, length, device=self.device)
+            return block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+        table, pos = torch.as_tensor(block_table, dtype=torch.long), torch.arange(start, length)
+        return to_device(table[pos // self.block_size] * self.block_size + pos % self.block_size, torch.long,
+                         self.device)
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
         """Performs the (src, dst) copy-on-write copies asked for by `CachePool.ensure_capacity`."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=self.device)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=self.device)
+        src = to_device([s for s, _ in copies], torch.long, self.device)
+        dst = to_device([d for _, d in copies], torch.long, self.device)
         self.compressed_keys.index_copy_(0, dst, self.compressed_keys.index_select(0, src))
         self.token_ids.index_copy_(0, dst, self.token_ids.index_select(0, src))
 
@@ -137,11 +141,10 @@ class PagedKeyCacheView:
         self.context_lens = list(context_lens)
         self.query_lens = list(query_lens)
         mapping = slot_mapping(self.block_tables, self.context_lens, self.query_lens, cache.block_size)
-        self.slots = torch.tensor(mapping, dtype=torch.long, device=cache.device)
+        self.slots = to_device(mapping, torch.long, cache.device)
         width = max((len(t) for t in self.block_tables), default=0)
         # every table in one host-to-device copy (a copy per sequence would stall the GPU each time)
-        self._tables = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables],
-                                    dtype=torch.long, device=cache.device)
+        self._tables = to_device([t + [0] * (width - len(t)) for t in self.block_tables], torch.long, cache.device)
         self._written = False
         # set by the runner when it keeps K/V working sets (engine.kv_working_set)
         self.working_sets: list | None = None

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .host_copy import to_device
+
 
 @dataclass
 class WorkingSet:
@@ -36,9 +38,13 @@ class PagedKVPool:
     def __init__(self, n_gold: int, num_pages: int, page_size: int, width: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         self.page_size = page_size
-        self.keys = torch.zeros(n_gold, num_pages + 1, page_size, width, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
+        # uninitialised: every position is written before it is read (untouched host pages of a large
+        # CPU pool are then never even committed)
+        self.keys = torch.empty(n_gold, num_pages + 1, page_size, width, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
         self.scratch_page = num_pages
+        self.keys[:, num_pages].zero_()
+        self.values[:, num_pages].zero_()
 
     @property
     def num_pages(self) -> int:
@@ -57,7 +63,7 @@ class PagedKVPool:
         """Flat row index (page * page_size + offset) of positions [start, end) of a page table."""
         pos = torch.arange(start, end)
         table = torch.as_tensor(pages, dtype=torch.long)
-        return (table[pos // self.page_size] * self.page_size + pos % self.page_size).to(self.device)
+        return to_device(table[pos // self.page_size] * self.page_size + pos % self.page_size, torch.long, self.device)
 
     def write(self, j: int, slots: Tensor, keys: Tensor, values: Tensor) -> None:
         """Stores rows of layer j at flat slots."""

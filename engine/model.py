@@ -86,6 +86,7 @@ class GoldFinchModel:
         Returns logits [B, V] (each sequence's last new position) or [N, V] with `all_logits`."""
         cfg = self.config
         self._idx = _IndexCache(self.device)
+        self._ops = self.ops.for_tokens(batch.token_ids.shape[0])
         x = self.embed(batch.token_ids)
         win = _Windows(starts=[0] * len(batch.query_lens), lens=list(batch.query_lens))
         for layer in range(cfg.n_finch):
@@ -93,7 +94,7 @@ class GoldFinchModel:
         keys.write(F.linear(x, self.w_compress), batch.token_ids)
         x, win = self._gold_input_window(x, win, batch.all_logits)
         step_keys = StepKeys(cfg, self.decompress, keys, batch.context_lens, batch.query_lens,
-                             self.ops.gold_keys_values_rows)
+                             self._ops.gold_keys_values_rows)
         for j, layer in enumerate(range(cfg.gold_start, cfg.n_layer)):
             x, win = self._gold_block(layer, j, x, win, batch, rnn, step_keys)
         step_keys.finish()
@@ -105,13 +106,13 @@ class GoldFinchModel:
         xa = L.layer_norm(x, w, "ln1")
         cur, prev, last = _select_with_prev(xa, win, win.starts, rnn.tmix_shift[layer, slots], self._idx)
         rnn.tmix_shift[layer, slots] = last
-        r, k, v, log_decay, u, extra = self.ops.finch_tmix_projections(cur, prev, w, cfg)
+        r, k, v, log_decay, u, extra = self._ops.finch_tmix_projections(cur, prev, w, cfg)
         y = self._wkv(layer, r, k, v, log_decay, u, batch, rnn)
-        x = x + self.ops.finch_tmix_output(y, extra, w, cfg)
+        x = x + self._ops.finch_tmix_output(y, extra, w, cfg)
         xf = L.layer_norm(x, w, "ln2")
         cur, prev, last = _select_with_prev(xf, win, win.starts, rnn.cmix_shift[layer, slots], self._idx)
         rnn.cmix_shift[layer, slots] = last
-        return x + self.ops.channel_mix(cur, prev, w)
+        return x + self._ops.channel_mix(cur, prev, w)
 
     def _wkv(self, layer: int, r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, u: Tensor,
              batch: StepBatch, rnn: RNNStatePool) -> Tensor:
@@ -167,12 +168,12 @@ class GoldFinchModel:
         rnn.tmix_shift[layer, slots] = last
         q_win = _Windows(q_starts, win.lens)
         x_mid, _, _ = _select_with_prev(x, win, q_starts, torch.zeros_like(x[: len(win.lens)]), self._idx)
-        x_mid = x_mid + self._gold_attention(j, w, self.ops.gold_query(cur, prev, w), q_win, batch, step_keys)
+        x_mid = x_mid + self._gold_attention(j, w, self._ops.gold_query(cur, prev, w), q_win, batch, step_keys)
         xb = L.layer_norm(x_mid, w, "ln2")
         cur, prev, last = _select_with_prev(xb, q_win, out_starts, rnn.cmix_shift[layer, slots], self._idx)
         rnn.cmix_shift[layer, slots] = last
         x_out, _, _ = _select_with_prev(x_mid, q_win, out_starts, torch.zeros_like(x[: len(win.lens)]), self._idx)
-        return x_out + self.ops.channel_mix(cur, prev, w), _Windows(out_starts, win.lens)
+        return x_out + self._ops.channel_mix(cur, prev, w), _Windows(out_starts, win.lens)
 
     def _gold_attention(self, j: int, w: L.LayerWeights, q: Tensor, q_win: _Windows, batch: StepBatch,
                         step_keys: StepKeys) -> Tensor:

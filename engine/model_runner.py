@@ -15,6 +15,7 @@ from kernels.dispatch import use_triton
 from .cache_manager import CacheManager
 from .cuda_graphs import DecodeGraphs, DecodeRows, Scratch, run_eager
 from .decode_step import DecodeStep
+from .host_copy import to_device
 from .kv_working_set import WorkingSet, WorkingSetManager
 from .model import GoldFinchModel, StepBatch
 from .scheduler import SchedulerOutput
@@ -56,10 +57,10 @@ class ModelRunner:
             tokens.extend(seq.token_at(i) for i in range(start, start + s.num_new_tokens))
         slots = [s.seq.state_slot for s in sched.scheduled]
         return StepBatch(
-            token_ids=torch.tensor(tokens, dtype=torch.long, device=self.device),
+            token_ids=to_device(tokens, torch.long, self.device),
             query_lens=tuple(s.num_new_tokens for s in sched.scheduled),
             context_lens=tuple(s.context_len for s in sched.scheduled),
-            state_slots=torch.tensor(slots, dtype=torch.long, device=self.device),
+            state_slots=to_device(slots, torch.long, self.device),
         )
 
     def execute(self, sched: SchedulerOutput) -> Tensor:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engine.host_copy import to_device
 from engine.sampling_params import SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -136,7 +137,7 @@ def _token_counts(token_lists: Sequence[Sequence[int]], vocab_size: int, device:
     if flat.size and not 0 <= int(flat.min()) <= int(flat.max()) < vocab_size:
         raise ValueError(f"token_ids: ids must be in [0, {vocab_size}) for the penalties")
     offsets = np.repeat(np.arange(len(lengths), dtype=np.int64) * vocab_size, lengths)
-    index = torch.from_numpy(offsets + flat).to(device)
+    index = to_device(offsets + flat, torch.int64, device)
     counts = torch.zeros(len(lengths) * vocab_size, dtype=torch.float32, device=device)
     counts.index_add_(0, index, torch.ones(1, dtype=torch.float32, device=device).expand(index.shape))
     return counts.view(len(lengths), vocab_size)
@@ -163,8 +164,8 @@ def _sparse_entries(params: Sequence[SamplingParams], step_index: Sequence[int],
             for token_id in sorted(banned):
                 _check_token("stop_token_ids", token_id, vocab_size)
                 masked.append((row, token_id))
-    bias_t = torch.tensor(bias, dtype=torch.float64).T.to(device) if bias else None
-    masked_t = torch.tensor(masked, dtype=torch.int64).T.to(device) if masked else None
+    bias_t = to_device(torch.tensor(bias, dtype=torch.float64).T.contiguous(), torch.float64, device) if bias else None
+    masked_t = to_device(torch.tensor(masked, dtype=torch.int64).T.contiguous(), torch.int64, device) if masked else None
     return bias_t, masked_t
 
 
@@ -189,11 +190,13 @@ def make_sampling_batch(params: Sequence[SamplingParams], output_token_ids: Sequ
         [p.top_p for p in params], [p.min_p for p in params],
         [p.presence_penalty for p in params], [p.frequency_penalty for p in params],
         [p.repetition_penalty for p in params],
-    ], dtype=torch.float32).reshape(6, n).to(device)
+    ], dtype=torch.float32).reshape(6, n)
+    scalars = to_device(scalars, torch.float32, device)  # queued: the model step may still be running
     ints = torch.tensor([
         [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params],
         [_to_int64(s) for s in seeds], list(step_index), [int(g) for g in greedy],
-    ], dtype=torch.int64).reshape(4, n).to(device)
+    ], dtype=torch.int64).reshape(4, n)
+    ints = to_device(ints, torch.int64, device)
     bias, masked = _sparse_entries(params, step_index, vocab_size, eos_token_id, device)
     need_penalties = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
     need_repetition = any(p.repetition_penalty != 1.0 for p in params)

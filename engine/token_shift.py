@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .host_copy import to_device
+
 
 @dataclass
 class Windows:
@@ -31,7 +33,7 @@ class IndexCache:
     def get(self, key, build) -> Tensor:
         t = self._memo.get(key)
         if t is None:
-            t = self._memo[key] = torch.as_tensor(build(), dtype=torch.long).to(self.device)
+            t = self._memo[key] = to_device(build(), torch.long, self.device)
         return t
 
 

@@ -60,7 +60,9 @@ def wkv_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, cu_seqlen
     return y
 
 
-SPLIT_WAVES = 4  # (sequence, head, split) programs per multiprocessor that the default split aims at
+# (sequence, head, split) programs per multiprocessor that the default split aims at; 2 with the
+# 3-stage page loop was best or within 3% of best in the H200 sweep (bench_paged_attention.py)
+SPLIT_WAVES = 2
 MAX_SPLITS = 64
 
 

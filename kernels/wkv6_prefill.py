@@ -234,6 +234,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3"
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Through pinned memory, queued: a pageable copy would wait for every kernel queued before it
+    (three per layer stalled a short prefill on the host)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _chunk_tables(lens: list[int], device: torch.device) -> tuple[Tensor, Tensor, int]:
     n_chunks = torch.tensor([(n + BT - 1) // BT for n in lens], dtype=torch.int64)
     chunk_offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)
@@ -242,7 +248,7 @@ def _chunk_tables(lens: list[int], device: torch.device) -> tuple[Tensor, Tensor
     seq = torch.repeat_interleave(torch.arange(len(lens)), n_chunks)
     within = torch.arange(NT) - chunk_offsets[:-1].repeat_interleave(n_chunks)
     chunk_indices = torch.stack([seq, within], 1).to(torch.int32)
-    return chunk_offsets.to(torch.int32).to(device), chunk_indices.to(device), NT
+    return _to_device(chunk_offsets.to(torch.int32), device), _to_device(chunk_indices, device), NT
 
 
 def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens: list[int],
@@ -304,6 +310,6 @@ def wkv6_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"all tensors must be on one device; got {[str(t.device) for t in tensors]}")
     r, k, v, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (r, k, v, w))
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=r.device)
+    cu_t = _to_device(torch.tensor(cu, dtype=torch.int32), r.device)
     lens = [b - a for a, b in zip(cu, cu[1:])]
     return wkv6_prefill_fwd(r, k, v, w, u.contiguous(), lens, cu_t, state_pool, slots)

@@ -35,6 +35,8 @@ OPTIONS = [
     ("cache_tokens", int, None, "compressed-key pool capacity in tokens (default: from free memory)"),
     ("gpu_memory_fraction", float, 0.5, "share of free GPU memory for the key pool when --cache-tokens is not set"),
     ("block_size", int, 16, "tokens per pool block"),
+    ("kv_working_set_bytes", int, None, "memory for materialised per-layer K/V of decoding sequences (default: 60%% "
+     "of the GPU memory left after the key pool, 256 MiB on the CPU; 0: derive keys from the pool every step)"),
     ("max_queue", int, 256, "waiting requests before 429"),
     ("max_tokens_limit", int, 4096, "largest max_tokens a request may ask"),
     ("max_n", int, 16, "largest n a request may ask"),
@@ -50,6 +52,7 @@ FLAGS = [
     ("protect_health", "require the API key for /health"),
     ("protect_metrics", "require the API key for /metrics"),
     ("save_sessions_on_shutdown", "save every session to --session-dir on a graceful shutdown"),
+    ("no_cuda_graphs", "launch decode steps from Python instead of replaying CUDA graphs (debugging)"),
 ]
 
 

@@ -288,8 +288,8 @@ def test_dispatch_keeps_the_reference_on_cpu(monkeypatch):
 
 def test_default_num_splits():
     f = dispatch.default_num_splits
-    assert [f(b, 32, 64) for b in (1, 2, 4, 8, 16, 64, 256)] == [32, 16, 8, 4, 2, 1, 1]
-    assert f(1, 32, 2048) == 32
+    assert [f(b, 32, 64) for b in (1, 2, 4, 8, 16, 64, 256)] == [16, 8, 4, 2, 1, 1, 1]
+    assert f(1, 32, 2048) == 16
     assert f(1, 1, 4096) == 64  # clamped to MAX_SPLITS
     assert f(1, 32, 5) == 5  # never more splits than the table has pages
     assert f(1, 32, 0) == 1 and f(0, 32, 8) == 8

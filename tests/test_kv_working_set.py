@@ -65,6 +65,7 @@ def test_budget_sizes_the_pool_with_one_scratch_page():
 
 def test_pool_write_and_gather_through_a_page_table():
     m = manager(6, page_size=4, width=8)
+    m.pool.keys.zero_()
     pages = [5, 2, 0]
     keys = torch.randn(10, 8)
     values = torch.randn(10, 8)

@@ -1,0 +1,72 @@
+"""The static decode step (what CUDA graphs replay) against the general step, on the CPU."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import engine.model_runner as model_runner
+from conftest import load_model
+from engine import layers as L
+from engine.config_engine import EngineConfig
+from engine.cuda_graphs import host_inputs, to_inputs
+from engine.engine import LLMEngine
+from engine.layer_ops import MIN_COMPILED_TOKENS, LayerOps
+from engine.sampling_params import SamplingParams
+
+
+def decoding_engine(case: str, fast: bool) -> LLMEngine:
+    """Three sequences of uneven length, all decoding with complete working sets."""
+    engine = LLMEngine(load_model(case), None, EngineConfig(cache_tokens=2048, kv_working_set_page_size=8,
+                                                            decode_fast_path=fast, check_integrity=True))
+    rng = random.Random(3)
+    for n in (5, 23, 40):
+        engine.add_request([rng.randrange(512) for _ in range(n)],
+                           SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert all(not s.is_prefilling for s in engine.scheduler.running)
+    return engine
+
+
+@pytest.mark.parametrize("case", ["goldfinch_l6_d128", "goldfinch_rope_l6_d128", "goldfinch_upgrade_l6_d256"])
+def test_padded_static_step_equals_general_step(case, monkeypatch):
+    """Logits of a decode step through the static step, padded to 8 rows whose scratch writes must
+    touch nothing of the real rows, equal the general step's; so do the states and caches after."""
+    fast, general = decoding_engine(case, True), decoding_engine(case, False)
+
+    def padded(step, rows, scratch, device):
+        cols, tables = host_inputs(rows, 8, 6, scratch)
+        return step(to_inputs(cols.to(device), tables.to(device)))[: rows.size]
+
+    monkeypatch.setattr(model_runner, "run_eager", padded)
+    for _ in range(3):
+        steps_before = fast.runner.num_fast_steps
+        logits_fast = fast.runner.execute(fast.scheduler.schedule())
+        logits_general = general.runner.execute(general.scheduler.schedule())
+        assert fast.runner.num_fast_steps == steps_before + 1 and general.runner.num_fast_steps == 0
+        assert (logits_fast - logits_general).abs().max() < 1e-4
+        for row, (seq_f, seq_g) in enumerate(zip(fast.scheduler.running, general.scheduler.running)):
+            token = int(logits_general[row].argmax())  # both go on with the same token
+            seq_f.output_token_ids.append(token)
+            seq_g.output_token_ids.append(token)
+    for name in ("wkv", "tmix_shift", "cmix_shift"):
+        a = getattr(fast.cache.rnn, name)[:, :-1]  # the last slot is scratch
+        b = getattr(general.cache.rnn, name)[:, :-1]
+        assert (a - b).abs().max() < 1e-4, name
+    for seq_f, seq_g in zip(fast.scheduler.running, general.scheduler.running):
+        n = seq_f.num_computed_tokens
+        ck_f, ids_f = fast.cache.keys.read(seq_f.block_table, n)
+        ck_g, ids_g = general.cache.keys.read(seq_g.block_table, n)
+        assert torch.equal(ids_f, ids_g) and (ck_f - ck_g).abs().max() < 1e-4
+
+
+def test_layer_ops_compile_only_large_steps():
+    plain = LayerOps(False)
+    assert plain.eager is plain and plain.for_tokens(1 << 20) is plain
+    assert plain.finch_tmix_in is L.finch_tmix_in
+    compiled = LayerOps(True)  # torch.compile wraps lazily: nothing is compiled until called
+    assert compiled.for_tokens(MIN_COMPILED_TOKENS) is compiled
+    assert compiled.for_tokens(MIN_COMPILED_TOKENS - 1) is compiled.eager
+    assert compiled.eager.channel_mix is L.channel_mix and compiled.channel_mix is not L.channel_mix
