@@ -21,13 +21,16 @@ from .host_copy import to_device
 
 @dataclass
 class History:
-    """Proto-keys and token values of positions [start, ctx + q) of one sequence, and its working
-    set (None: derive every step)."""
+    """Proto-keys and token values of positions [start, ctx + q) of one sequence and its working
+    set; or, for a sequence without a set, its compressed history, decompressed again in every
+    layer (one history's keys at a time: sixteen 128K-token histories decompressed at once would
+    hold 16 GB)."""
 
-    proto_keys: Tensor
-    token_values: Tensor
+    proto_keys: Tensor | None
+    token_values: Tensor | None
     start: int
     working_set: object | None = None
+    compressed: tuple[Tensor, Tensor] | None = None
 
 
 class StepKeys:
@@ -37,6 +40,7 @@ class StepKeys:
         self._keys_values_rows = keys_values_rows
         self.pool = getattr(keys_view, "kv_pool", None)
         self.context_lens, self.query_lens = context_lens, query_lens
+        self._decompress = decompress
         self.histories = [self._history(decompress, keys_view, i) for i in range(len(query_lens))]
         self.with_set = [i for i, h in enumerate(self.histories) if h.working_set is not None]
         if self.with_set:
@@ -47,8 +51,9 @@ class StepKeys:
         ws = view.working_set(i) if hasattr(view, "working_set") else None
         if ws is not None and ws.length == ctx and ctx > 0:
             return History(*decompress(*view.read_from(i, ctx - 1)), start=ctx - 1, working_set=ws)
-        if ws is not None:
-            ws.length = 0  # stale or new: rebuilt from the compressed cache in this step
+        if ws is None:
+            return History(None, None, start=0, compressed=view.read(i))
+        ws.length = 0  # stale or new: rebuilt from the compressed cache in this step
         return History(*decompress(*view.read(i)), start=0, working_set=ws)
 
     def _pack(self) -> None:
@@ -91,8 +96,9 @@ class StepKeys:
                         cfg.rope.rescale).reshape(keys.shape)
 
     def layer(self, j: int, w: L.LayerWeights, n_queries: list[int]) -> dict[int, tuple[Tensor, Tensor] | None]:
-        """GOLD layer j's keys/values per sequence: contiguous [n_k, C] pairs, or None for a
-        sequence that attends through its pages (one query and a set)."""
+        """GOLD layer j's keys/values of the sequences with sets: contiguous [n_k, C] pairs, or
+        None for one that attends through its pages (one query). Sequences without a set are
+        derived one at a time by `derive`."""
         out: dict[int, tuple[Tensor, Tensor] | None] = {}
         if self.with_set:
             keys, values = self._keys_values_rows(self.proto, self.prev_proto, self.values_in, self.prev_values, w)
@@ -107,11 +113,13 @@ class StepKeys:
                     out[i] = keys[sl], values[sl]
                 else:
                     out[i] = self.pool.gather(j, h.working_set.pages, self.context_lens[i] + self.query_lens[i])
-        for i, h in enumerate(self.histories):
-            if h.working_set is None:
-                keys, values = L.gold_keys_values(h.proto_keys, h.token_values, w)
-                out[i] = self._rotate(keys, torch.arange(keys.shape[0], device=keys.device)), values
         return out
+
+    def derive(self, i: int, w: L.LayerWeights) -> tuple[Tensor, Tensor]:
+        """Keys and values of sequence i's whole history (it has no working set) for one layer."""
+        proto, token_values = self._decompress(*self.histories[i].compressed)
+        keys, values = L.gold_keys_values(proto, token_values, w)
+        return self._rotate(keys, torch.arange(keys.shape[0], device=keys.device)), values
 
     def page_tables(self, seqs: list[int]) -> tuple[Tensor, Tensor]:
         """int32 page tables [n, P] and key counts [n] of sequences that attend through pages

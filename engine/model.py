@@ -192,7 +192,7 @@ class GoldFinchModel:
         bases = [0]
         for n in n_queries:
             bases.append(bases[-1] + n)
-        paged = [i for i in range(len(n_queries)) if kv[i] is None]
+        paged = [i for i in range(len(n_queries)) if i in kv and kv[i] is None]
         if paged:
             rows = self._idx.get(("paged_rows", tuple(bases), tuple(paged)), lambda: [bases[i] for i in paged])
             tables, lens = step_keys.page_tables(paged)
@@ -201,9 +201,9 @@ class GoldFinchModel:
             self.gold_work.query_rows += len(paged)
             self.gold_work.key_rows += int(sum(batch.context_lens[i] + batch.query_lens[i] for i in paged))
         for i, n_q in enumerate(n_queries):
-            if kv[i] is None:
+            if i in kv and kv[i] is None:
                 continue
-            keys, values = kv[i]
+            keys, values = kv[i] if i in kv else step_keys.derive(i, w)
             n_k = keys.shape[0]
             qi = q[bases[i]: bases[i] + n_q].transpose(0, 1)
             ki, vi = keys.view(n_k, H, D).transpose(0, 1), values.view(n_k, H, D).transpose(0, 1)
