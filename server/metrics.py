@@ -6,7 +6,7 @@ read off the engine at scrape time by a collector. One registry per server (no g
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.engine import LLMEngine
 from engine.outputs import RequestUpdate
@@ -21,7 +21,9 @@ THROUGHPUT_BUCKETS = (10, 100, 1000, 5000, 10000, 25000, 50000, 100000, 200000, 
 # every metric name the server exports (deploy/ dashboards and alerts are checked against this)
 GAUGES = ("num_requests_running", "num_requests_waiting", "num_requests_preempted", "num_sessions",
           "num_sessions_device", "cache_usage_perc", "cache_used_bytes", "cache_total_bytes",
-          "cache_bytes_per_token", "state_slots_used", "state_slots_total", "engine_alive")
+          "cache_bytes_per_token", "state_slots_used", "state_slots_total", "engine_alive",
+          "kv_working_sets", "kv_working_set_usage_perc", "kv_working_set_total_bytes")
+COUNTERS = ("decode_graph_steps",)  # engine steps run by the static decode step (CUDA graphs on a GPU)
 
 
 class EngineCollector:
@@ -51,8 +53,17 @@ class EngineCollector:
             "state_slots_total": pool.num_used_slots + pool.num_free_slots,
             "engine_alive": 1 if self.alive() else 0,
         }
+        sets = e.runner.working_sets
+        total_pages = sets.num_pages if sets is not None else 0
+        values.update({
+            "kv_working_sets": len(sets) if sets is not None else 0,
+            "kv_working_set_usage_perc": (1 - sets.num_free_pages / total_pages) if total_pages else 0.0,
+            "kv_working_set_total_bytes": total_pages * sets.page_size * sets.bytes_per_token if sets is not None else 0,
+        })
         for name in GAUGES:
             yield GaugeMetricFamily(PREFIX + name, name.replace("_", " "), value=values[name])
+        yield CounterMetricFamily(PREFIX + "decode_graph_steps", "engine steps run by the static decode step",
+                                  value=e.runner.num_fast_steps)
 
 
 class ServerMetrics:

@@ -406,9 +406,9 @@ def test_kubernetes_manifests(route_paths):
 
 # ---- against a running server ------------------------------------------------------------------
 def test_every_metric_used_is_exported(exported):
-    from server.metrics import GAUGES, PREFIX
+    from server.metrics import COUNTERS, GAUGES, PREFIX
 
-    assert {PREFIX + g for g in GAUGES} <= exported
+    assert {PREFIX + g for g in GAUGES} | {PREFIX + c + "_total" for c in COUNTERS} <= exported
     dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     used = {"dashboard": metric_names_in(json.dumps(dash)),
             "prometheus-adapter rules": metric_names_in(ADAPTER_RULES.read_text(encoding="utf-8")),

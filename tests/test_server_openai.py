@@ -137,6 +137,11 @@ def test_metrics_move_by_exact_token_counts(server, client):
     assert after[key] - before.get(key, 0) == 1
     assert after["goldfinch:e2e_request_latency_seconds_count"] - before["goldfinch:e2e_request_latency_seconds_count"] == 1
     assert after["goldfinch:cache_bytes_per_token"] == 8 * 4 + 4  # fp32 compressed keys + int32 id on the CPU
+    # the prompt's step samples the first token; the other five come from static decode steps over
+    # the working set the prompt's step built, which is released when the request ends
+    assert after["goldfinch:decode_graph_steps_total"] - before["goldfinch:decode_graph_steps_total"] == 5
+    assert after["goldfinch:kv_working_sets"] == 0 and after["goldfinch:kv_working_set_usage_perc"] == 0
+    assert after["goldfinch:kv_working_set_total_bytes"] > 0
 
 
 def test_sse_events_never_contain_characters_that_readers_take_for_line_ends():
