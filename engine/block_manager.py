@@ -99,6 +99,17 @@ class CachePool:
         grow = max(0, _ceil_div(num_tokens, self.block_size) - len(owner.block_table))
         return grow + len(self._cow_indices(owner, num_tokens))
 
+    def is_ready(self, owner: CacheOwner, num_tokens: int) -> bool:
+        """Positions [0, num_tokens) are backed and every block the coming writes land in is
+        unshared: nothing to allocate or copy (a decoding sequence, most steps; checked per
+        sequence per step, so kept to a table length and a reference count or two)."""
+        table, bs = owner.block_table, self.block_size
+        if len(table) * bs < num_tokens:
+            return False
+        start = owner.num_computed_tokens
+        refs = self._ref_counts
+        return all(refs[table[j]] == 1 for j in range(start // bs, _ceil_div(num_tokens, bs))) if num_tokens > start else True
+
     def can_allocate(self, owner: CacheOwner, num_tokens: int) -> bool:
         return self.blocks_needed(owner, num_tokens) <= len(self._free_blocks)
 

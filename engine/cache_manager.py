@@ -68,6 +68,9 @@ class CacheManager:
     def persistent_bytes_per_token(self) -> int:
         return self.keys.persistent_bytes_per_token()
 
+    def is_ready(self, owner: CacheOwner, num_tokens: int) -> bool:
+        return self.pool.is_ready(owner, num_tokens)
+
     def can_grow(self, owner: CacheOwner, num_tokens: int) -> bool:
         return self.pool.can_allocate(owner, num_tokens)
 

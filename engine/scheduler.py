@@ -101,6 +101,11 @@ class Scheduler:
             if n == 0:
                 kept.append(seq)
                 continue
+            if self.cache.is_ready(seq, seq.num_computed_tokens + n):  # the usual decode step
+                out.scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
+                kept.append(seq)
+                budget -= n
+                continue
             preempted_self = False
             while not self.cache.can_grow(seq, seq.num_computed_tokens + n):
                 if self.make_room():

@@ -128,6 +128,23 @@ def test_fork_at_block_boundary_needs_no_copy() -> None:
     pool.check_integrity([parent, child])
 
 
+def test_is_ready_exactly_when_ensure_capacity_would_do_nothing() -> None:
+    pool = CachePool(8, 4, 0)
+    parent = grown(pool, 6, 6)
+    assert pool.is_ready(parent, 6) and pool.is_ready(parent, 3)  # nothing new to write
+    assert pool.is_ready(parent, 8) and not pool.is_ready(parent, 9)  # two blocks of four
+    parent2 = grown(pool, 5, 8)
+    assert pool.is_ready(parent2, 8) and not pool.is_ready(parent2, 9)
+    child = Owner(num_computed_tokens=5)
+    pool.fork(parent2, child)
+    assert not pool.is_ready(child, 6) and not pool.is_ready(parent2, 6)  # the written block is shared
+    assert pool.ensure_capacity(child, 6) == [(3, 4)]
+    assert pool.is_ready(child, 6) and pool.is_ready(parent2, 6)  # each now holds its block alone
+    for owner, n in ((parent, 6), (parent, 9), (parent2, 8), (parent2, 12), (child, 8)):
+        assert pool.is_ready(owner, n) == (pool.blocks_needed(owner, n) == 0)
+    pool.check_integrity([parent, parent2, child])
+
+
 def test_fork_after_growing_ahead_replaces_every_shared_write_block() -> None:
     """The parent had room for 9 tokens but computed 5: both the partial block (copied) and
     the empty shared block after it (replaced, nothing to copy) must become private."""
