@@ -3,7 +3,7 @@ roofline and a same-size Llama (HF transformers, SDPA) measured in the same run.
 
     python benchmarks/bench_model.py [--budget-s 420] [--out DIR] [--no-llama]
 
-Writes bench_model.json (to --out, default $OUT or .) with card, commit, date.
+Writes bench_model.json and bench_model.md (to --out, default $OUT or .) with card, commit, date.
 Every section has a time budget; a section that would not fit is reported as skipped."""
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.model import GoldFinchModel  # noqa: E402
 from engine.random_model import PAPER_1B5_CONFIG, random_checkpoint  # noqa: E402
+from roofline import decode_floor  # noqa: E402
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -94,7 +95,6 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int, str]], deadl
     out = []
     mc = model.config
     kv_bytes_per_token = 2 * mc.n_gold * mc.dim_att * 2
-    weight_bytes = sum(t.numel() * t.element_size() for t in model_tensors(model))
     for batch, ctx, mode in cases:
         if time.monotonic() > deadline:
             out.append({"batch": batch, "context": ctx, "mode": mode, "skipped": "time budget"})
@@ -149,25 +149,20 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int, str]], deadl
                 pstats.Stats(prof).sort_stats("tottime").print_stats(22)
             sets = engine.runner.working_sets
             held = len(sets) if sets else 0
-            state_bytes = engine.cache.rnn.bytes_per_slot()
-            # bytes a step must move: weights once, each sequence's state read and written, and the
-            # keys/values it attends to (materialised sets) or the compressed entries (derive)
-            per_seq = (ctx * kv_bytes_per_token if held == batch
-                       else ctx * engine.cache.persistent_bytes_per_token() * mc.n_gold)
-            step_bytes = weight_bytes + batch * (2 * state_bytes + per_seq)
             row = {"batch": batch, "context": ctx, "mode": mode, "step_ms": dt * 1e3, "tok_per_s": batch / dt,
                    "fast_steps": engine.runner.num_fast_steps - fast_before, "timed_steps": n_steps,
                    "working_sets": held, "working_set_GiB": (sets.used_bytes() / 2 ** 30) if sets else 0.0,
-                   "engine_init_s": init_s, "step_bytes_GB": step_bytes / 1e9}
+                   "engine_init_s": init_s}
             graphs = engine.runner.graphs
             if graphs is not None and row["fast_steps"]:
                 # GPU time of the decode step alone: the last step's graph replayed (this corrupts the
                 # sequences' states, which are not used again)
                 graph, _ = graphs._graphs[next(b for b in graphs.sizes if b >= batch)]
                 row["graph_ms"] = timed(graph.replay, 10) * 1e3
-            if roofline:
-                floor = step_bytes / (roofline["copy_GBps"] * 1e9)
-                row.update(roofline_tok_per_s=batch / floor, of_roofline=floor / dt)
+            if roofline:  # bytes at the copy bandwidth or FLOPs at the matmul rate (roofline.py)
+                floor = decode_floor(mc, batch, ctx, held, roofline["copy_GBps"], roofline["bf16_TFLOPs"])
+                row.update(step_GB=floor["bytes"] / 1e9, step_TFLOP=floor["flops"] / 1e12,
+                           roofline_tok_per_s=batch / floor["seconds"], of_roofline=floor["seconds"] / dt)
             out.append(row)
             del sets  # or the next case starts with this one's working sets still allocated
         except (torch.OutOfMemoryError, RuntimeError, AssertionError) as exc:
@@ -176,17 +171,6 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int, str]], deadl
         torch.cuda.empty_cache()
         print(json.dumps({"decode": out[-1]}), flush=True)
     return out
-
-
-def model_tensors(model: GoldFinchModel):
-    """Every weight tensor once (what a decode step reads)."""
-    seen = {}
-    for block in model.blocks:
-        for t in block._w.values():
-            seen[t.data_ptr()] = t
-    for t in (model.emb, model.head, model.w_compress, model.w_decompress):
-        seen[t.data_ptr()] = t
-    return list(seen.values())
 
 
 def capacity(model: GoldFinchModel, session_tokens: int = 32768) -> dict:
@@ -242,6 +226,53 @@ def bench_llama(lengths: list[int], deadline: float) -> dict:
     return res
 
 
+def _k(x: float) -> str:
+    return f"{x / 1000:.1f}K" if x >= 1000 else f"{x:.1f}"
+
+
+def render_markdown(result: dict) -> str:
+    """The run as markdown tables: prefill against the Llama of the same run, decode against the
+    roofline of the bytes each step moves, capacity."""
+    roof = result.get("roofline", {})
+    lines = [f"# bench_model: {result.get('card')}, commit {result.get('commit')}, {result.get('date')}", "",
+             f"torch {result.get('torch')}; card measured: copy {roof.get('copy_GBps', 0):,.0f} GB/s, "
+             f"bf16 matmul {roof.get('bf16_TFLOPs', 0):.0f} TFLOP/s", ""]
+    llama = {r["T"]: r.get("tok_per_s") for r in result.get("llama", {}).get("prefill", [])}
+    if result.get("prefill"):
+        lines += ["| prompt | tok/s | Llama HF + SDPA tok/s | ratio | peak GiB |", "| --- | --- | --- | --- | --- |"]
+        for r in result["prefill"]:
+            if "tok_per_s" not in r:
+                lines.append(f"| {r['T']} | {r.get('skipped')} | | | |")
+                continue
+            base = llama.get(r["T"])
+            ratio = f"{r['tok_per_s'] / base:.2f}x" if base else "-"
+            lines.append(f"| {r['T']} | {_k(r['tok_per_s'])} | {_k(base) if base else '-'} | {ratio} | "
+                         f"{r['peak_GiB']:.1f} |")
+        lines.append("")
+    if result.get("decode"):
+        lines += ["| batch x context | mode | tok/s | step ms | graph ms | working sets | roofline tok/s | of roofline |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in result["decode"]:
+            case = f"{r['batch']} x {r['context']}"
+            if "tok_per_s" not in r:
+                lines.append(f"| {case} | {r['mode']} | {r.get('skipped')} | | | | | |")
+                continue
+            graph = f"{r['graph_ms']:.2f}" if "graph_ms" in r else "-"
+            lines.append(f"| {case} | {r['mode']} | {r['tok_per_s']:,.1f} | {r['step_ms']:.2f} | {graph} | "
+                         f"{r['working_sets']} of {r['batch']} | {r.get('roofline_tok_per_s', 0):,.0f} | "
+                         f"{r.get('of_roofline', 0):.0%} |")
+        lines.append("")
+    for r in result.get("llama", {}).get("decode", []):
+        lines += [f"Llama HF eager decode, batch {r['batch']} at {r['context']}: {r['tok_per_s']:.1f} tok/s", ""]
+    cap = result.get("capacity")
+    if cap:
+        lines += [f"Persistent cache {cap['persistent_bytes_per_token']} B/token; RNN state "
+                  f"{cap['rnn_state_bytes'] / 1e6:.2f} MB/sequence; concurrent 32K-token sessions in "
+                  f"{cap['free_GiB']:.1f} GiB: {cap['sessions_32k_on_device']:,} (state on the GPU), "
+                  f"{cap['sessions_32k_keys_on_device_rnn_in_host']:,} (state in host memory)", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=420)
@@ -276,7 +307,8 @@ def main() -> None:
         result["llama"] = bench_llama([4096, 16384, 65536, 131072], deadline)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_model.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    (Path(args.out) / "bench_model.md").write_text(render_markdown(result))
+    print(render_markdown(result))
 
 
 if __name__ == "__main__":
