@@ -4,7 +4,9 @@ The persistent state of a sequence is exactly what the GoldFinch paper says it i
 - per Finch layer, the WKV state [H, K, V] (float32) and two token-shift vectors;
 - per GOLD layer, two token-shift vectors;
 - per cached token, its compressed key (`compressed_dim` values) and its token id.
-Decompressed keys and per-layer keys/values are derived from these when needed, never stored.
+Decompressed keys and per-layer keys/values are derived from these when needed; a decoding
+sequence may keep its per-layer keys/values as a working set (`engine.kv_working_set`), derived
+data that is dropped whenever memory is wanted and never saved.
 """
 from __future__ import annotations
 
