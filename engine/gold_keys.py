@@ -22,15 +22,21 @@ from .host_copy import to_device
 @dataclass
 class History:
     """Proto-keys and token values of positions [start, ctx + q) of one sequence and its working
-    set; or, for a sequence without a set, its compressed history, decompressed again in every
-    layer (one history's keys at a time: sixteen 128K-token histories decompressed at once would
-    hold 16 GB)."""
+    set; or, for a sequence without a set in a step whose histories are too long to hold
+    decompressed (`DECOMPRESSED_ROWS_LIMIT`), its compressed history, decompressed again in every
+    layer, one history at a time."""
 
     proto_keys: Tensor | None
     token_values: Tensor | None
     start: int
     working_set: object | None = None
     compressed: tuple[Tensor, Tensor] | None = None
+
+
+# Histories without a working set are decompressed once per step when their rows add up to at
+# most this (8 KB a row at the 1.5B shape in bf16: 2 GiB); above it (sixteen 128K-token histories
+# would hold 16 GiB), once per layer and sequence
+DECOMPRESSED_ROWS_LIMIT = 1 << 18
 
 
 class StepKeys:
@@ -41,6 +47,7 @@ class StepKeys:
         self.pool = getattr(keys_view, "kv_pool", None)
         self.context_lens, self.query_lens = context_lens, query_lens
         self._decompress = decompress
+        self._hold_decompressed = sum(c + q for c, q in zip(context_lens, query_lens)) <= DECOMPRESSED_ROWS_LIMIT
         self.histories = [self._history(decompress, keys_view, i) for i in range(len(query_lens))]
         self.with_set = [i for i, h in enumerate(self.histories) if h.working_set is not None]
         if self.with_set:
@@ -51,8 +58,10 @@ class StepKeys:
         ws = view.working_set(i) if hasattr(view, "working_set") else None
         if ws is not None and ws.length == ctx and ctx > 0:
             return History(*decompress(*view.read_from(i, ctx - 1)), start=ctx - 1, working_set=ws)
-        if ws is None:
+        if ws is None and not self._hold_decompressed:
             return History(None, None, start=0, compressed=view.read(i))
+        if ws is None:
+            return History(*decompress(*view.read(i)), start=0)
         ws.length = 0  # stale or new: rebuilt from the compressed cache in this step
         return History(*decompress(*view.read(i)), start=0, working_set=ws)
 
@@ -117,7 +126,9 @@ class StepKeys:
 
     def derive(self, i: int, w: L.LayerWeights) -> tuple[Tensor, Tensor]:
         """Keys and values of sequence i's whole history (it has no working set) for one layer."""
-        proto, token_values = self._decompress(*self.histories[i].compressed)
+        h = self.histories[i]
+        proto, token_values = ((h.proto_keys, h.token_values) if h.compressed is None
+                               else self._decompress(*h.compressed))
         keys, values = L.gold_keys_values(proto, token_values, w)
         return self._rotate(keys, torch.arange(keys.shape[0], device=keys.device)), values
 

@@ -85,3 +85,21 @@ def test_persistent_state_is_compressed(case):
     compressed, ids = state.keys.read(0)
     assert compressed.shape == (33, cfg.n_embd // 16) and ids.shape == (33,)
     assert state.persistent_bytes_per_token() == cfg.n_embd // 16 * 4 + 4  # float32 + int32 id
+
+
+def test_histories_decompressed_per_layer_equal_held_ones(case, monkeypatch):
+    """Past `DECOMPRESSED_ROWS_LIMIT` rows a step decompresses each history again in every layer
+    instead of holding them all: the same arithmetic, the same logits (a batch of uneven
+    histories, continued by a multi-token chunk and a decode step)."""
+    import engine.gold_keys as gold_keys
+
+    model = load_model(case)
+    tokens = _tokens(model, 48, seed=7).repeat(3, 1)
+    results = []
+    for limit in (gold_keys.DECOMPRESSED_ROWS_LIMIT, 0):
+        monkeypatch.setattr(gold_keys, "DECOMPRESSED_ROWS_LIMIT", limit)
+        a, state = model.forward(tokens[:, :30])
+        b, state = model.forward(tokens[:, 30:47], state)
+        c, state = model.forward(tokens[:, 47:], state)
+        results.append(torch.cat([a, b, c]))
+    assert torch.equal(results[0], results[1])
