@@ -123,11 +123,18 @@ class DecodeGraphs:
         return seconds
 
     def _fill(self, rows: DecodeRows, b: int) -> None:
-        cols, tables = host_inputs(rows, b, self.max_pages, self.scratch)
-        cols, tables = cols.pin_memory(), tables.pin_memory()  # queued copies, no stall (host_copy.py)
+        """Writes the step's inputs into the static buffers. Only the page-table columns this batch
+        uses are copied: entries past a row's last page are never read (the kernel stops at
+        seq_len), so the rest may hold an earlier step's pages, and a step does not pay for a table
+        as wide as max_model_len."""
+        width = max((len(p) for p in rows.page_tables), default=0)
+        cols, tables = host_inputs(rows, b, max(width, 1), self.scratch)
+        if self._cols.is_cuda:
+            cols, tables = cols.pin_memory(), tables.pin_memory()  # queued copies, no stall (host_copy.py)
         self._cols[:, :b].copy_(cols, non_blocking=True)
         self._seq_lens[:b].copy_(cols[-1], non_blocking=True)
-        self._tables[:b].copy_(tables, non_blocking=True)
+        if width:
+            self._tables[:b, :width].copy_(tables[:, :width], non_blocking=True)
 
     def run(self, rows: DecodeRows) -> Tensor:
         """Logits [n, V] of the n sequences (a view into the graph's output, valid until the next run)."""

@@ -87,3 +87,23 @@ def test_decode_graph_inputs_pad_to_scratch():
     assert tables.dtype == torch.int32 and tables.tolist() == [[2, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]]
     with pytest.raises(ValueError, match="do not fit"):
         host_inputs(rows, 1, 3, Scratch(8, 64, 256))  # more rows than the batch
+
+
+def test_graph_inputs_copy_only_the_table_columns_in_use():
+    """A later step with shorter tables leaves stale pages past its rows' ends (never read: the
+    attention stops at seq_len), and its seq_lens and padding are exact."""
+    from types import SimpleNamespace
+
+    from engine.cuda_graphs import DecodeGraphs
+
+    step = SimpleNamespace(model=SimpleNamespace(device=torch.device("cpu")))
+    graphs = DecodeGraphs(step, max_batch=4, max_pages=6, scratch=Scratch(8, 64, 256), batch_sizes=(2, 4))
+    long_rows = DecodeRows([1, 2, 3], [0, 1, 2], [300, 100, 50], [5, 6, 7], [4, 5, 6], [9, 10, 11],
+                           [[5, 4, 3, 2, 1], [7, 6], [9]])
+    graphs._fill(long_rows, 4)
+    short_rows = DecodeRows([4, 5], [1, 2], [20, 70], [8, 9], [7, 8], [12, 13], [[2], [3, 1]])
+    graphs._fill(short_rows, 4)
+    assert graphs._tables[:2, :2].tolist() == [[2, 0], [3, 1]]
+    assert graphs._tables[0, 2:5].tolist() == [3, 2, 1]  # stale, past row 0's single page
+    assert graphs._seq_lens.tolist() == [21, 71, 0, 0]
+    assert graphs._cols[1].tolist() == [1, 2, 8, 8]  # state slots, padding at scratch
