@@ -90,6 +90,8 @@ class StopChecker:
             text = self._held + (new_text if self._include_stop else "")
             matched = token_id if token_id in self._stop_token_ids else None
             return self._stop(text, matched)
+        if not self._stops:  # token stops only (most requests): nothing is ever held back
+            return StopUpdate(text=new_text)
         buffer = self._held + new_text
         match = self._earliest_match(buffer)
         if match is not None:
