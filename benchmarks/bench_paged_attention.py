@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import gpu_timing  # noqa: E402
+from gpu_timing import copy_bandwidth, median_ms  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels.paged_attention import paged_decode_attention_fwd  # noqa: E402
 from kernels.paged_attention_reference import paged_decode_attention_reference  # noqa: E402
@@ -40,43 +41,14 @@ SWEEP = [1, 2, 4, 8, 16, 32, 64]
 STAGES = [1, 2, 3]  # software-pipelined page loop (tl.range num_stages)
 
 
-def median_ms(fn, warmup=5, repeats=30, inner=1) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
-
-
 def _inner(est_ms: float, target_ms: float = 2.0, most: int = 50) -> int:
     """Calls per timed sample so that one sample takes about target_ms."""
     return max(1, min(most, int(target_ms / max(est_ms, 1e-3))))
 
 
 def graph_ms(fn, est_ms: float, repeats=20) -> float:
-    """Per-call GPU time of `fn` replayed from a CUDA graph of several calls (no launch gaps)."""
-    inner = _inner(est_ms)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    ms = median_ms(graph.replay, warmup=2, repeats=repeats) / inner
-    del graph
-    return ms
+    """Per-call GPU time replayed from a CUDA graph of calls that take about 2 ms together."""
+    return gpu_timing.graph_ms(fn, inner=_inner(est_ms), repeats=repeats, warmup=2)
 
 
 def eager_ms(fn, est_ms: float, repeats=20) -> float:
@@ -87,14 +59,6 @@ def estimate_ms(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return median_ms(fn, warmup=1, repeats=3)
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    x = torch.randn(2 ** 28, device="cuda")
-    y = torch.empty_like(x)
-    t = median_ms(lambda: y.copy_(x), warmup=3, repeats=20)
-    return 2 * x.numel() * 4 / (t * 1e-3)
 
 
 def make_inputs(B: int, ctx: int, seed: int):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpu_timing import copy_bandwidth, graph_ms, median_ms  # noqa: E402
 from kernels import wkv6_prefill as prefill_mod  # noqa: E402
 from kernels.wkv6_decode import wkv6_decode  # noqa: E402
 from kernels.wkv6_prefill import wkv6_prefill  # noqa: E402
@@ -43,37 +43,6 @@ except Exception as e:  # noqa: BLE001
     FLA_ERROR = f"{type(e).__name__}: {e}"
 
 
-def median_ms(fn, warmup=5, repeats=30, inner=1) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
-
-
-def graph_ms(fn, inner=50, repeats=20) -> float:
-    """Per-call GPU time of `fn` replayed from a CUDA graph of `inner` calls (no launch gaps)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    return median_ms(graph.replay, warmup=3, repeats=repeats) / inner
-
-
 def kernel_breakdown_us(fn, calls=3) -> dict[str, float]:
     """Device time per call of each kernel `fn` launches (torch.profiler), in microseconds."""
     from torch.profiler import ProfilerActivity, profile
@@ -90,15 +59,6 @@ def kernel_breakdown_us(fn, calls=3) -> dict[str, float]:
         if t:
             out[e.key[:60]] = round(t / calls, 2)
     return out
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    x = torch.randn(2 ** 28, device="cuda")
-    y = torch.empty_like(x)
-    t = median_ms(lambda: y.copy_(x), warmup=3, repeats=20)
-    bw = 2 * x.numel() * 4 / (t * 1e-3)
-    return bw
 
 
 def inputs(T: int, seed: int, num_slots: int):

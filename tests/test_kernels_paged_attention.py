@@ -13,52 +13,22 @@ shows in the output.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
+from triton_interpreter import CUDA, import_kernels, needs_subprocess, run_module_in_subprocess
+
 DEVICE = "cuda" if CUDA else "cpu"
 _KERNEL_MODULES = ("kernels.paged_attention",)
 
 
-def _interpreted() -> bool:
-    import triton.language as tl
-
-    return type(tl.standard.sum).__name__ == "InterpretedFunction"
-
-
-# Triton imported earlier in this process without the interpreter cannot be switched to it (its
-# library functions are decorated at import): then the module runs itself in a subprocess instead.
-_IN_SUBPROCESS = not CUDA and "triton" in sys.modules and not _interpreted()
+# Triton imported earlier in this process without the interpreter cannot be switched to it: then
+# the module runs itself in a subprocess instead (tests/triton_interpreter.py)
+_IN_SUBPROCESS = needs_subprocess()
 
 
-def _import_kernels():
-    if CUDA or _IN_SUBPROCESS:
-        pytest.importorskip("triton")
-        return [importlib.import_module(n) for n in _KERNEL_MODULES]
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton")
-        mods = [importlib.import_module(n) for n in _KERNEL_MODULES]
-        if type(mods[0].paged_decode_attention_fwd_kernel).__name__ != "InterpretedFunction":
-            mods = [importlib.reload(m) for m in mods]  # imported earlier without the interpreter
-        return mods
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-(_attn_mod,) = _import_kernels()
+(_attn_mod,) = import_kernels(_KERNEL_MODULES, "paged_decode_attention_fwd_kernel", _IN_SUBPROCESS)
 paged_decode_attention = _attn_mod.paged_decode_attention
 
 from kernels import dispatch  # noqa: E402
@@ -77,11 +47,7 @@ def _interpreter_while_testing(request, monkeypatch):
 
 @pytest.mark.skipif(not _IN_SUBPROCESS, reason="the kernel tests run in this process")
 def test_module_under_interpreter_in_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    run_module_in_subprocess(__file__)
 
 
 # error budgets, as max |out - ref| / max |ref| (outputs are rounded to their dtype)

@@ -1,0 +1,49 @@
+"""GPU timing shared by the kernel benchmarks: CUDA-event medians, CUDA-graph replay (the GPU time
+of a call without launch gaps), and the card's copy bandwidth."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def median_ms(fn, warmup: int = 5, repeats: int = 30, inner: int = 1) -> float:
+    """Median milliseconds per call over `repeats` samples of `inner` calls (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
+def graph_ms(fn, inner: int = 50, repeats: int = 20, warmup: int = 3) -> float:
+    """Per-call GPU time of `fn` replayed from a CUDA graph of `inner` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    ms = median_ms(graph.replay, warmup=warmup, repeats=repeats) / inner
+    del graph
+    return ms
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    x = torch.randn(2 ** 28, device="cuda")
+    y = torch.empty_like(x)
+    t = median_ms(lambda: y.copy_(x), warmup=3, repeats=20)
+    return 2 * x.numel() * 4 / (t * 1e-3)
