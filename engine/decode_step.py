@@ -9,7 +9,7 @@ the page tables with one paged attention call per layer. The same arithmetic as
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,6 @@ class DecodeInputs:
     kv_slots: Tensor  # [B] long: flat row of the new token in the working-set pool
     kv_page_tables: Tensor  # [B, P] int32
     seq_lens: Tensor  # [B] int32: keys each query attends to (positions + 1)
-
-    def rows(self, n: int) -> "DecodeInputs":
-        return DecodeInputs(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
 
 
 class DecodeStep:
