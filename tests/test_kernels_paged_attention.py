@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_interpreter import CUDA, import_kernels, needs_subprocess, run_module_in_subprocess
+from triton_interpreter import CUDA, enter_test, import_kernels, needs_subprocess, run_module_in_subprocess
 
 DEVICE = "cuda" if CUDA else "cpu"
 _KERNEL_MODULES = ("kernels.paged_attention",)
@@ -37,12 +37,7 @@ from kernels.paged_attention_reference import paged_decode_attention_reference  
 
 @pytest.fixture(autouse=True)
 def _interpreter_while_testing(request, monkeypatch):
-    """Triton reads the variable again while launching (lazy imports): keep it set during each test
-    of this module, and only then."""
-    if _IN_SUBPROCESS and request.node.name != "test_module_under_interpreter_in_subprocess":
-        pytest.skip("runs in the subprocess of test_module_under_interpreter_in_subprocess")
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    enter_test(request, monkeypatch, _IN_SUBPROCESS)
 
 
 @pytest.mark.skipif(not _IN_SUBPROCESS, reason="the kernel tests run in this process")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_interpreter import CUDA, import_kernels, needs_subprocess, run_module_in_subprocess
+from triton_interpreter import CUDA, enter_test, import_kernels, needs_subprocess, run_module_in_subprocess
 
 DEVICE = "cuda" if CUDA else "cpu"
 _KERNEL_MODULES = ("kernels.wkv6_decode", "kernels.wkv6_prefill")
@@ -30,17 +30,13 @@ from kernels.wkv6_reference import wkv6_chunked, wkv6_step  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _interpreter_while_testing(request, monkeypatch):
-    """Triton reads the variable again while launching (lazy imports): keep it set during each test
-    of this module, and only then."""
-    if _IN_SUBPROCESS and request.node.name != "test_module_under_interpreter_in_subprocess":
-        pytest.skip("runs in the subprocess of test_module_under_interpreter_in_subprocess")
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    enter_test(request, monkeypatch, _IN_SUBPROCESS)
 
 
 @pytest.mark.skipif(not _IN_SUBPROCESS, reason="the kernel tests run in this process")
 def test_module_under_interpreter_in_subprocess():
     run_module_in_subprocess(__file__)
+
 
 # error budgets, as max |out - ref| / max |ref| per tensor (outputs are rounded to their dtype)
 TOL_Y = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

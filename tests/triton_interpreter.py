@@ -58,3 +58,16 @@ def run_module_in_subprocess(test_file: str) -> None:
                           cwd=Path(test_file).resolve().parent.parent, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+SUBPROCESS_TEST = "test_module_under_interpreter_in_subprocess"
+
+
+def enter_test(request, monkeypatch, in_subprocess: bool) -> None:
+    """For a test module's autouse fixture: in a process that must run the module in a subprocess,
+    skip every test but that one; without CUDA keep the interpreter on while the test runs (Triton
+    reads the variable again at launch), and only then."""
+    if in_subprocess and request.node.name != SUBPROCESS_TEST:
+        pytest.skip(f"runs in the subprocess of {SUBPROCESS_TEST}")
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
