@@ -1,6 +1,6 @@
 """Kernel-level profile (torch.profiler) of one decode step and one prefill at the 1.5B shape.
 
-    python benchmarks/profile_step.py [--batch 1] [--context 4096] [--prefill 4096]
+    python benchmarks/profile_step.py [--batch 1] [--context 4096] [--prefill 4096,131072] [--rows 30]
 
 Decode: the engine is set up as in bench_model.py; the rows of a real decode step are replayed
 through the static decode step launched eagerly (kernels and their GPU times; a CUDA graph
@@ -40,8 +40,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--prefill", type=int, default=4096)
+    ap.add_argument("--prefill", default="4096", help="comma-separated prompt lengths")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=30)
     args = ap.parse_args()
     model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
     B, ctx = args.batch, args.context
@@ -71,11 +72,11 @@ def main() -> None:
             run_eager(step, rows, engine.runner.scratch, model.device)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / args.repeat
-    report(prof, f"decode step, batch {B}, context {ctx}, eager, {args.repeat} steps", wall)
+    report(prof, f"decode step, batch {B}, context {ctx}, eager, {args.repeat} steps", wall, args.rows)
     del engine
     torch.cuda.empty_cache()
-    if args.prefill:
-        tokens = torch.randint(0, 65536, (1, args.prefill), device="cuda")
+    for T in (int(t) for t in args.prefill.split(",") if t):
+        tokens = torch.randint(0, 65536, (1, T), device="cuda")
         model.forward(tokens)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -83,12 +84,13 @@ def main() -> None:
             model.forward(tokens)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-        report(prof, f"prefill {args.prefill} tokens", wall)
+        report(prof, f"prefill {T} tokens", wall, args.rows)
         cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
         print("\nhost side (self CPU time):")
         for e in cpu:
             print(f"{e.self_cpu_time_total / 1e3:8.3f} ms {e.count:6d}x  {e.key[:100]}")
-
+        del prof
+        torch.cuda.empty_cache()
 
 if __name__ == "__main__":
     main()
