@@ -33,6 +33,9 @@ class EngineConfig:
     # CUDA graphs on a GPU (captured at start for batch sizes up to max_num_seqs)
     decode_fast_path: bool = True
     cuda_graphs: bool = True
+    # launch a decode step before reading the previous one's tokens back when nothing else could be
+    # scheduled (engine.overlap): the host's per-step work then runs while the GPU computes
+    overlap_decode: bool = True
     check_integrity: bool = False  # verify the pool's bookkeeping after every step (tests, debugging)
 
     def __post_init__(self) -> None:

@@ -73,11 +73,15 @@ def to_inputs(cols: Tensor, tables: Tensor) -> DecodeInputs:
                         seq_lens=cols[-1].to(torch.int32))
 
 
-def run_eager(step: DecodeStep, rows: DecodeRows, scratch: Scratch, device: torch.device) -> Tensor:
+def run_eager(step: DecodeStep, rows: DecodeRows, scratch: Scratch, device: torch.device,
+              token_ids: Tensor | None = None) -> Tensor:
     """The decode step without a graph (CPU, or graphs turned off): exact batch, tables as wide as
-    the longest."""
+    the longest. `token_ids` [n] on the device replace the rows' token ids (engine.overlap)."""
     cols, tables = host_inputs(rows, rows.size, max(len(p) for p in rows.page_tables), scratch)
-    return step(to_inputs(cols.to(device), tables.to(device)))
+    cols = cols.to(device)
+    if token_ids is not None:
+        cols[0].copy_(token_ids)
+    return step(to_inputs(cols, tables.to(device)))
 
 
 class DecodeGraphs:
@@ -136,14 +140,17 @@ class DecodeGraphs:
         if width:
             self._tables[:b, :width].copy_(tables[:, :width], non_blocking=True)
 
-    def run(self, rows: DecodeRows) -> Tensor:
-        """Logits [n, V] of the n sequences (a view into the graph's output, valid until the next run)."""
+    def run(self, rows: DecodeRows, token_ids: Tensor | None = None) -> Tensor:
+        """Logits [n, V] of the n sequences (a view into the graph's output, valid until the next run).
+        `token_ids` [n] on the device replace the rows' token ids (engine.overlap)."""
         if rows.size > self.max_batch:
             raise ValueError(f"batch of {rows.size} exceeds the largest graph ({self.max_batch})")
         if any(len(p) > self.max_pages for p in rows.page_tables):
             raise ValueError(f"a page table is longer than the graphs' {self.max_pages} pages")
         b = next(s for s in self.sizes if s >= rows.size)
         self._fill(rows, b)
+        if token_ids is not None:
+            self._cols[0, : rows.size].copy_(token_ids)  # queued after the sampler that made them
         graph, out = self._graphs[b]
         graph.replay()
         return out[: rows.size]

@@ -21,6 +21,7 @@ from .model import GoldFinchModel
 from .model_runner import ModelRunner
 from .outputs import CompletionDelta, RequestOutput, RequestUpdate, TokenLogprob
 from .request import Request
+from .overlap import LaunchedStep, can_launch_ahead, next_decode_step
 from .sampler import Sampler, make_sampling_batch
 from .sampling_params import SamplingParams, resolve_seed
 from .scheduler import Scheduler, SchedulerOutput
@@ -55,6 +56,7 @@ class LLMEngine:
         # a model's embedding is often padded past its tokenizer: never sample an id without text
         self.sampleable_vocab = min(model.config.vocab_size, tokenizer.vocab_size) if tokenizer else None
         self.model_fingerprint = _fingerprint(model)
+        self._in_flight: LaunchedStep | None = None  # a decode step launched before its inputs' tokens were read
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -117,10 +119,32 @@ class LLMEngine:
         return RequestUpdate.of(request_id, deltas, request.output)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self.absorbing)
+        return bool(self.requests) or bool(self.absorbing) or self._in_flight is not None
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
+        """Runs one model step and returns the updates of one step's tokens.
+
+        With `overlap_decode`, a decode step whose next step is certain to be another decode of the
+        same sequences (engine.overlap) launches that next step before reading its own tokens back:
+        the next step takes its input tokens from the device, and the host's output processing runs
+        while the GPU computes. Each call still returns exactly one step's tokens."""
+        current, self._in_flight = self._in_flight, None
+        if current is None:
+            current = self._schedule_and_launch()
+            if not isinstance(current, LaunchedStep):
+                return current  # nothing to run, or the failed step's updates
+        failed = None
+        if self.config.overlap_decode and can_launch_ahead(self, current):
+            self._in_flight, failed = self._launch_ahead(current)
+        updates = self._resolve(current)
+        if failed is not None:
+            updates += self._fail_step(failed, "model step failed")
+        if self.config.check_integrity:
+            self.check_integrity()
+        return updates
+
+    def _schedule_and_launch(self) -> LaunchedStep | list[RequestUpdate]:
         started = time.perf_counter()
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
@@ -135,15 +159,41 @@ class LLMEngine:
         ready = [(row, s.seq) for row, s in enumerate(sched.scheduled)
                  if s.seq.num_computed_tokens == s.seq.num_tokens and not self._absorbed(s.seq)]
         ready = self._fork_samples(ready)
+        return LaunchedStep(sched, ready, self._launch_sampling(logits, ready) if ready else None)
+
+    def _launch_ahead(self, current: LaunchedStep):
+        """The next decode step of `current`'s sequences, fed the tokens `current` samples (still on
+        the device). Returns (launched step or None, scheduler output of a step that failed or None)."""
+        started = time.perf_counter()
+        nxt = next_decode_step(self.cache, current)
+        if nxt is None:
+            return None, None
+        try:
+            logits = self.runner.execute_ahead(nxt, current.sample.token_ids)
+        except Exception:
+            log.exception("model step failed; failing %d requests", len(nxt.scheduled))
+            return None, nxt
+        if logits is None:  # the static decode step does not apply (a working set could not grow)
+            return None, None
+        self.stats.record_step(nxt, time.perf_counter() - started)
+        self.stats.overlapped_steps += 1
+        ready = [(row, s.seq) for row, s in enumerate(nxt.scheduled)]
+        return LaunchedStep(nxt, ready, self._launch_sampling(logits, ready, pending=1), ahead=True), None
+
+    def _resolve(self, launched: LaunchedStep) -> list[RequestUpdate]:
+        """Reads a launched step's tokens back and processes them: detokenizing, stop checks,
+        finishing and releasing. Rows of sequences that finished meanwhile (a step launched ahead of
+        its predecessor's end-of-sequence, or aborted) are dropped."""
         deltas: dict[str, list[CompletionDelta]] = {}
-        if ready:
-            for seq, token, logprob in self._sample(logits, ready):
-                request = self.requests[seq.request_id]
-                deltas.setdefault(seq.request_id, []).append(
-                    request.append_token(seq, token, logprob, self.config.max_model_len))
-                self.stats.generation_tokens += 1
-                if seq.is_finished:
-                    self._finish_seq(request, seq)
+        for seq, token, logprob in self._read_samples(launched):
+            request = self.requests.get(seq.request_id)
+            if seq.is_finished or request is None or seq not in request.seqs:
+                continue
+            deltas.setdefault(seq.request_id, []).append(
+                request.append_token(seq, token, logprob, self.config.max_model_len))
+            self.stats.generation_tokens += 1
+            if seq.is_finished:
+                self._finish_seq(request, seq)
         updates = []
         for request_id, ds in deltas.items():
             request = self.requests[request_id]
@@ -151,8 +201,6 @@ class LLMEngine:
                 self._release(request)
                 self.stats.record_finish(request)
             updates.append(RequestUpdate.of(request_id, ds, request.output))
-        if self.config.check_integrity:
-            self.check_integrity()
         return updates
 
     def _finish_seq(self, request: Request, seq: Sequence) -> None:
@@ -197,22 +245,29 @@ class LLMEngine:
                 out.append((row, child))
         return out
 
-    def _sample(self, logits: torch.Tensor, ready: list[tuple[int, Sequence]]):
+    def _launch_sampling(self, logits: torch.Tensor, ready: list[tuple[int, Sequence]], pending: int = 0):
+        """Queues the sampler on the device for the ready rows; nothing is read back here.
+        `pending`: tokens each row has sampled that are not yet in its output (a step launched ahead)."""
         rows = to_device([row for row, _ in ready], torch.long, logits.device)
         seqs = [seq for _, seq in ready]
         batch = make_sampling_batch(
             [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs],
-            [len(s.output_token_ids) for s in seqs], self.model.config.vocab_size, logits.device,
+            [len(s.output_token_ids) + pending for s in seqs], self.model.config.vocab_size, logits.device,
             seeds=[s.seed for s in seqs], eos_token_id=self.eos_token_id)
         logits = logits.index_select(0, rows)
         if self.sampleable_vocab is not None and self.sampleable_vocab < logits.shape[1]:
             logits[:, self.sampleable_vocab:] = float("-inf")
-        result = self.sampler(logits, batch)
-        tokens = result.token_ids.tolist()
+        return self.sampler(logits, batch)
+
+    def _read_samples(self, launched: LaunchedStep):
+        result = launched.sample
+        if result is None:
+            return
+        tokens = result.token_ids.tolist()  # waits for this step (not for one launched after it)
         chosen = result.logprobs.tolist()
         top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
         top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        for i, seq in enumerate(seqs):
+        for i, (_, seq) in enumerate(launched.ready):
             logprob = None
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
@@ -223,7 +278,9 @@ class LLMEngine:
     def _fail_step(self, sched: SchedulerOutput, message: str) -> list[RequestUpdate]:
         updates = []
         for request_id in dict.fromkeys(s.seq.request_id for s in sched.scheduled):
-            request = self.requests[request_id]
+            request = self.requests.get(request_id)
+            if request is None:  # finished meanwhile (a step launched ahead of its end)
+                continue
             deltas = request.finish_all(FinishReason.ERROR, error=message)
             # the step may have half-updated their state: free it, never keep it in a session
             for seq in request.seqs:

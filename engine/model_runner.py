@@ -83,6 +83,23 @@ class ModelRunner:
             s.seq.num_computed_tokens += s.num_new_tokens
         return logits.float()
 
+    def execute_ahead(self, sched: SchedulerOutput, token_ids: Tensor) -> Tensor | None:
+        """A decode step whose input tokens are still on the device (`token_ids` [B], sampled by the
+        step before, not read back: engine.overlap). Only the static decode step takes its tokens
+        from the device; returns None, having changed nothing a later step relies on, when it does
+        not apply (a sequence whose working set is incomplete or could not grow)."""
+        seqs = [s.seq for s in sched.scheduled]
+        ctx = [s.context_len for s in sched.scheduled]
+        if self.working_sets is None or any(s.num_new_tokens != 1 for s in sched.scheduled):
+            return None
+        sets = self.working_sets.for_step(seqs, [c + 1 for c in ctx])
+        if not self._fast_decode_applies(ctx, [1] * len(ctx), sets):
+            return None
+        logits = self._fast_decode(sched, sets, token_ids)
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += 1
+        return logits.float()
+
     def _fast_decode_applies(self, ctx: list[int], q: list[int], sets: list[WorkingSet | None] | None) -> bool:
         if self.decode_step is None or sets is None or not ctx:
             return False
@@ -90,13 +107,13 @@ class ModelRunner:
             return False
         return all(n == 1 and c > 0 and ws is not None and ws.length == c for c, n, ws in zip(ctx, q, sets))
 
-    def _fast_decode(self, sched: SchedulerOutput, sets: list[WorkingSet]) -> Tensor:
+    def _fast_decode(self, sched: SchedulerOutput, sets: list[WorkingSet], token_ids: Tensor | None = None) -> Tensor:
         bs, ps = self.cache.block_size, self.working_sets.page_size
         rows = DecodeRows([], [], [], [], [], [], [])
         for s, ws in zip(sched.scheduled, sets):
             seq, pos = s.seq, s.context_len
             table = seq.block_table
-            rows.token_ids.append(seq.token_at(pos))
+            rows.token_ids.append(seq.token_at(pos) if token_ids is None else 0)
             rows.state_slots.append(seq.state_slot)
             rows.positions.append(pos)
             rows.key_slots.append(table[pos // bs] * bs + pos % bs)
@@ -104,9 +121,9 @@ class ModelRunner:
             rows.kv_slots.append(ws.pages[pos // ps] * ps + pos % ps)
             rows.page_tables.append(ws.pages)
         if self.graphs is not None:
-            logits = self.graphs.run(rows)
+            logits = self.graphs.run(rows, token_ids)
         else:
-            logits = run_eager(self.decode_step, rows, self.scratch, self.device)
+            logits = run_eager(self.decode_step, rows, self.scratch, self.device, token_ids)
         for s, ws in zip(sched.scheduled, sets):
             ws.length = s.context_len + 1
         self.num_fast_steps += 1

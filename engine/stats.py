@@ -12,6 +12,7 @@ class EngineStats:
     generation_tokens: int = 0
     preemptions: int = 0
     steps: int = 0
+    overlapped_steps: int = 0  # decode steps launched before the previous step's tokens were read
     finished: Counter = field(default_factory=Counter)  # finish reason -> requests
     step_seconds: deque = field(default_factory=lambda: deque(maxlen=1024))
 

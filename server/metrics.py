@@ -23,7 +23,9 @@ GAUGES = ("num_requests_running", "num_requests_waiting", "num_requests_preempte
           "num_sessions_device", "cache_usage_perc", "cache_used_bytes", "cache_total_bytes",
           "cache_bytes_per_token", "state_slots_used", "state_slots_total", "engine_alive",
           "kv_working_sets", "kv_working_set_usage_perc", "kv_working_set_total_bytes")
-COUNTERS = ("decode_graph_steps",)  # engine steps run by the static decode step (CUDA graphs on a GPU)
+# engine steps run by the static decode step (CUDA graphs on a GPU); decode steps launched before the
+# previous step's tokens were read back (engine.overlap)
+COUNTERS = ("decode_graph_steps", "decode_overlapped_steps")
 
 
 class EngineCollector:
@@ -64,6 +66,9 @@ class EngineCollector:
             yield GaugeMetricFamily(PREFIX + name, name.replace("_", " "), value=values[name])
         yield CounterMetricFamily(PREFIX + "decode_graph_steps", "engine steps run by the static decode step",
                                   value=e.runner.num_fast_steps)
+        yield CounterMetricFamily(PREFIX + "decode_overlapped_steps",
+                                  "decode steps launched before the previous step's tokens were read back",
+                                  value=e.stats.overlapped_steps)
 
 
 class ServerMetrics:

@@ -89,17 +89,24 @@ def parse(r: httpx.Response) -> dict:
 def test_model_step_fault_fails_only_its_step(tok_path, caplog):
     app, state, engine, fatal = make_app(tok_path, max_num_seqs=4)
     failed_steps: list[set[int]] = []
-    original = engine.runner.execute
+    original, original_ahead = engine.runner.execute, engine.runner.execute_ahead
 
-    def execute(sched):
+    def poisoned(sched) -> None:
         seqs = [s.seq for s in sched.scheduled]
         if any(s.prompt_token_ids[0] == POISON_EARLY
                or (s.prompt_token_ids[0] == POISON_LATE and len(s.output_token_ids) >= 3) for s in seqs):
             failed_steps.append({s.prompt_token_ids[1] for s in seqs})  # the second token tells requests apart
             raise RuntimeError("injected device fault")
+
+    def execute(sched):
+        poisoned(sched)
         return original(sched)
 
-    engine.runner.execute = execute
+    def execute_ahead(sched, token_ids):  # decode steps launched ahead of their tokens (engine.overlap)
+        poisoned(sched)
+        return original_ahead(sched, token_ids)
+
+    engine.runner.execute, engine.runner.execute_ahead = execute, execute_ahead
     normal = [body(100 + i, i) for i in range(14)]
     for i, b in enumerate(normal):
         b["prompt"][1] = 200 + i  # distinct second tokens
@@ -152,7 +159,7 @@ def test_model_step_fault_fails_only_its_step(tok_path, caplog):
         # the engine serves on, with a consistent pool and nothing held
         assert after == {"ok": solo[0]} and health == 200 and not fatal
         assert state.engine.alive
-        engine.runner.execute = original
+        engine.runner.execute, engine.runner.execute_ahead = original, original_ahead
         asyncio.run(state.engine.call(lambda e: e.check_integrity()))
         assert "goldfinch:num_requests_running 0.0" in metrics and "goldfinch:state_slots_used 0.0" in metrics
         assert "goldfinch:cache_usage_perc 0.0" in metrics
@@ -172,15 +179,20 @@ def test_slow_consumer_still_gets_the_last_update(fault):
     from engine.sampling_params import SamplingParams
 
     engine = LLMEngine(load_model(MODEL.name), None, EngineConfig(cache_tokens=4096))
-    if fault:
-        original = engine.runner.execute
+    if fault:  # the step fed the third token fails
+        original, original_ahead = engine.runner.execute, engine.runner.execute_ahead
 
         def execute(sched):
             if any(len(s.seq.output_token_ids) >= 3 for s in sched.scheduled):
                 raise RuntimeError("injected device fault")
             return original(sched)
 
-        engine.runner.execute = execute
+        def execute_ahead(sched, token_ids):  # fed a token not yet in the outputs (engine.overlap)
+            if any(len(s.seq.output_token_ids) + 1 >= 3 for s in sched.scheduled):
+                raise RuntimeError("injected device fault")
+            return original_ahead(sched, token_ids)
+
+        engine.runner.execute, engine.runner.execute_ahead = execute, execute_ahead
     async_engine = AsyncEngine(engine).start()
 
     async def consume():

@@ -140,6 +140,8 @@ def test_metrics_move_by_exact_token_counts(server, client):
     # the prompt's step samples the first token; the other five come from static decode steps over
     # the working set the prompt's step built, which is released when the request ends
     assert after["goldfinch:decode_graph_steps_total"] - before["goldfinch:decode_graph_steps_total"] == 5
+    # each launched before the previous step's token was read back (engine.overlap)
+    assert after["goldfinch:decode_overlapped_steps_total"] - before["goldfinch:decode_overlapped_steps_total"] == 5
     assert after["goldfinch:kv_working_sets"] == 0 and after["goldfinch:kv_working_set_usage_perc"] == 0
     assert after["goldfinch:kv_working_set_total_bytes"] > 0
 
