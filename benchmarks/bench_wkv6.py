@@ -184,29 +184,35 @@ def bench_prefill(lengths, bw, quick, packed=None):
     return rows
 
 
-def bench_precisions(T, quick):
-    """The matrix-unit precision of the prefill kernels for bf16 inputs: speed and error."""
+VARIANTS = [dict(), dict(precision="tf32"), dict(diag_channels=16), dict(diag_products=True),
+            dict(diag_products=True, diag_channels=16), dict(diag_products=True, diag_channels=32),
+            dict(diag_products=True, diag_channels=16, precision="tf32")]
+
+
+def bench_variants(T, quick):
+    """The prefill kernels' launch choices (`PrefillTuning`) for bf16 inputs: speed and error."""
     rows = []
     r, k, v, w, u, pool = inputs(T, seed=1, num_slots=4)
     slots = torch.tensor([1], device="cuda")
     rs, ks, vs, ws = (x[:4096] for x in (r, k, v, w))
     p_ref = pool.clone()
     y_ref, s_ref = wkv6_chunked(rs[None], ks[None], vs[None], ws[None], u, p_ref[slots])
-    original = prefill_mod._precision
-    try:
-        for prec in ("tf32x3", "tf32"):
-            prefill_mod._precision = lambda dtype, prec=prec: prec
-            p = pool.clone()
-            y = wkv6_prefill(rs, ks, vs, ws, u, [0, 4096], p, slots)
-            row = {"precision": prec, "rel_err_y_4k": rel_err(y, y_ref[0]), "rel_err_state_4k": rel_err(p[slots], s_ref)}
-            scratch = pool.clone()  # timing overwrites the slot's state
-            row["ms"] = median_ms(lambda: wkv6_prefill(r, k, v, w, u, [0, T], scratch, slots), warmup=2,
-                                  repeats=5 if quick else 10)
-            row["Mtok_s"] = T / (row["ms"] * 1e-3) / 1e6
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        prefill_mod._precision = original
+    for variant in VARIANTS:
+        tuning = prefill_mod.PrefillTuning(**variant)
+        p = pool.clone()
+        y = wkv6_prefill(rs, ks, vs, ws, u, [0, 4096], p, slots, tuning)
+        row = {"variant": str(variant or "default"), "rel_err_y_4k": rel_err(y, y_ref[0]),
+               "rel_err_state_4k": rel_err(p[slots], s_ref)}
+        scratch = pool.clone()  # timing overwrites the slot's state
+        row["ms"] = median_ms(lambda: wkv6_prefill(r, k, v, w, u, [0, T], scratch, slots, tuning), warmup=2,
+                              repeats=5 if quick else 10)
+        row["Mtok_s"] = T / (row["ms"] * 1e-3) / 1e6
+        try:
+            row["kernels_us"] = kernel_breakdown_us(lambda: wkv6_prefill(r, k, v, w, u, [0, T], scratch, slots, tuning))
+        except Exception as e:  # noqa: BLE001
+            row["kernels_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -215,24 +221,24 @@ def markdown(res) -> str:
              f"copy bandwidth {res['copy_GBps']:.0f} GB/s; fla {res['fla'] or 'not available'}", "",
              "| decode batch | Triton eager us | Triton graph us | roofline floor us | bandwidth ratio | reference us | fla us | rel err y / state |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in res["decode"]:
+    for r in res.get("decode", []):
         fla = f"{r['fla_us']:.1f}" if "fla_us" in r else "-"
         lines.append(f"| {r['batch']} | {r['triton_eager_us']:.1f} | {r['triton_graph_us']:.2f} | "
                      f"{r['roofline_floor_us']:.2f} | {r['roofline_ratio']:.2f} | {r['reference_us']:.1f} | {fla} | "
                      f"{r['rel_err_y']:.1e} / {r['rel_err_state']:.1e} |")
     lines += ["", "| prefill | Triton ms | Triton Mtok/s | bandwidth ratio | reference ms | fla ms | fla Mtok/s | rel err y / state | fla rel err y / state |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in res["prefill"]:
+    for r in res.get("prefill", []):
         ref = f"{r['reference_ms']:.1f}" if "reference_ms" in r else "-"
         fla = (f"{r['fla_ms']:.2f} | {r['fla_Mtok_s']:.1f}") if "fla_ms" in r else "- | -"
         err = f"{r['rel_err_y']:.1e} / {r['rel_err_state']:.1e}" if "rel_err_y" in r else "-"
         ferr = f"{r['fla_rel_err_y']:.1e} / {r['fla_rel_err_state']:.1e}" if "fla_rel_err_y" in r else "-"
         lines.append(f"| {r['case']} | {r['triton_ms']:.2f} | {r['triton_Mtok_s']:.1f} | {r['roofline_ratio']:.2f} | "
                      f"{ref} | {fla} | {err} | {ferr} |")
-    if res.get("precisions"):
-        lines += ["", "| prefill dot precision | ms | Mtok/s | rel err y (4K) | rel err state (4K) |", "| --- | --- | --- | --- | --- |"]
-        for r in res["precisions"]:
-            lines.append(f"| {r['precision']} | {r['ms']:.2f} | {r['Mtok_s']:.1f} | {r['rel_err_y_4k']:.1e} | "
+    if res.get("variants"):
+        lines += ["", "| prefill launch choice | ms | Mtok/s | rel err y (4K) | rel err state (4K) |", "| --- | --- | --- | --- | --- |"]
+        for r in res["variants"]:
+            lines.append(f"| {r['variant']} | {r['ms']:.2f} | {r['Mtok_s']:.1f} | {r['rel_err_y_4k']:.1e} | "
                          f"{r['rel_err_state_4k']:.1e} |")
     return "\n".join(lines)
 
@@ -241,6 +247,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
+    ap.add_argument("--sections", default="", help="comma-separated subset of decode,prefill,variants")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_wkv6: needs a CUDA device")
@@ -258,9 +265,11 @@ def main() -> None:
         "decode": lambda: bench_decode([1, 8, 64, 256], res["copy_GBps"] * 1e9, args.quick),
         "prefill": lambda: bench_prefill(lengths, res["copy_GBps"] * 1e9, args.quick,
                                          packed=("16 seqs x 1K", [1024] * 16)),
-        "precisions": lambda: bench_precisions(16384 if args.quick else 65536, args.quick),
+        "variants": lambda: bench_variants(16384 if args.quick else 65536, args.quick),
     }
     for name, run in sections.items():
+        if args.sections and name not in args.sections.split(","):
+            continue
         try:
             res[name] = run()
         except Exception as e:  # noqa: BLE001  (report what did run)

@@ -27,6 +27,7 @@ accuracy, on the tensor cores).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -48,7 +49,7 @@ def wkv6_prefill_intra_fwd_kernel(
     stride_rt, stride_rh, stride_kt, stride_kh, stride_wt, stride_wh,
     H: tl.constexpr, K: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DIAG_PRODUCTS: tl.constexpr,
 ):
     i_c, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_i, i_j = i_p // (BT // BC), i_p % (BT // BC)
@@ -100,8 +101,12 @@ def wkv6_prefill_intra_fwd_kernel(
             b_kd = tl.load(k_ptr + rows[:, None] * stride_kt + i_h * stride_kh + o_d[None, :], mask=m_td, other=0.)
             b_wpd = tl.load(w_ptr + (rows - 1)[:, None] * stride_wt + i_h * stride_wh + o_d[None, :],
                             mask=m_td & (o_c >= 1)[:, None], other=0.)
-            b_between = tl.cumsum(tl.where(m_scan, b_wpd.to(tl.float32)[:, None, :], 0.), axis=0)
-            b_e = tl.where(m_ts, tl.exp(b_between), 0.)
+            if DIAG_PRODUCTS:  # exp(sum) as a running product of exp(w): BC x fewer exponentials
+                b_ewd = tl.exp(b_wpd.to(tl.float32))
+                b_e = tl.where(m_ts, tl.cumprod(tl.where(m_scan, b_ewd[:, None, :], 1.), axis=0), 0.)
+            else:
+                b_between = tl.cumsum(tl.where(m_scan, b_wpd.to(tl.float32)[:, None, :], 0.), axis=0)
+                b_e = tl.where(m_ts, tl.exp(b_between), 0.)
             b_att += tl.sum(b_rd.to(tl.float32)[:, None, :] * b_e * b_kd.to(tl.float32)[None, :, :], axis=2)
     tl.store(p_att, b_att, mask=m_t[:, None])
 
@@ -227,6 +232,16 @@ def wkv6_prefill_fwd_kernel(
     tl.store(y_ptr + rows[:, None] * stride_yt + i_h * stride_yh + o_v[None, :], b_y.to(y_ptr.dtype.element_ty), mask=m_tv)
 
 
+@dataclass(frozen=True)
+class PrefillTuning:
+    """Launch choices of the prefill kernels that do not change what they compute beyond rounding
+    (`bench_wkv6.py --sections variants` sweeps them)."""
+
+    precision: str | None = None  # matrix-unit precision of the products; None: `_precision(dtype)`
+    diag_channels: int = BD  # key channels per step of a diagonal block
+    diag_products: bool = False  # diagonal-block decays as running products of exp(w)
+
+
 def _precision(dtype: torch.dtype) -> str:
     """Matrix-unit precision of the in-kernel products: three tf32 passes (about float32 accuracy,
     on the tensor cores) whatever the input dtype; IEEE float32 products (CUDA cores) cost more
@@ -252,7 +267,8 @@ def _chunk_tables(lens: list[int], device: torch.device) -> tuple[Tensor, Tensor
 
 
 def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens: list[int],
-                     cu_seqlens: Tensor, state_pool: Tensor, slots: Tensor) -> Tensor:
+                     cu_seqlens: Tensor, state_pool: Tensor, slots: Tensor,
+                     tuning: PrefillTuning = PrefillTuning()) -> Tensor:
     """The launcher: inputs already checked; every last dim contiguous."""
     T, H, K = r.shape
     V = v.shape[-1]
@@ -261,7 +277,7 @@ def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens
     if B == 0:
         return y
     chunk_offsets, chunk_indices, NT = _chunk_tables(lens, r.device)
-    precision = _precision(r.dtype)
+    precision = tuning.precision or _precision(r.dtype)
     BK, BVf = triton.next_power_of_2(K), triton.next_power_of_2(V)
     BV = min(BVf, 64)
     h = torch.empty((max(NT, 1), H, K, V), dtype=torch.float32, device=r.device)
@@ -271,7 +287,8 @@ def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens
         wkv6_prefill_intra_fwd_kernel[(NT, H, (BT // BC) ** 2)](
             r, k, w, att, cu_seqlens, chunk_indices,
             r.stride(0), r.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
-            H=H, K=K, BT=BT, BC=BC, BK=BK, BD=min(BK, BD), PRECISION=precision, num_warps=4)
+            H=H, K=K, BT=BT, BC=BC, BK=BK, BD=min(BK, tuning.diag_channels), PRECISION=precision,
+            DIAG_PRODUCTS=tuning.diag_products, num_warps=4)
         wkv6_prefill_chunk_fwd_kernel[(NT, H, -(-V // BV))](
             k, v, w, h, decay, cu_seqlens, chunk_indices,
             k.stride(0), k.stride(1), w.stride(0), w.stride(1), v.stride(0), v.stride(1),
@@ -290,7 +307,8 @@ def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens
 
 
 def wkv6_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
-                 cu_seqlens: Tensor | Sequence[int], state_pool: Tensor, slots: Tensor) -> Tensor:
+                 cu_seqlens: Tensor | Sequence[int], state_pool: Tensor, slots: Tensor,
+                 tuning: PrefillTuning = PrefillTuning()) -> Tensor:
     """WKV6 over B packed sequences, their states read from and written back to a slot pool.
 
     r, k, w: [T, H, K] (all sequences' tokens packed; `w` is the log decay, <= 0); v: [T, H, V];
@@ -312,4 +330,4 @@ def wkv6_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
     r, k, v, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (r, k, v, w))
     cu_t = _to_device(torch.tensor(cu, dtype=torch.int32), r.device)
     lens = [b - a for a, b in zip(cu, cu[1:])]
-    return wkv6_prefill_fwd(r, k, v, w, u.contiguous(), lens, cu_t, state_pool, slots)
+    return wkv6_prefill_fwd(r, k, v, w, u.contiguous(), lens, cu_t, state_pool, slots, tuning)

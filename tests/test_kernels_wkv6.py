@@ -71,7 +71,7 @@ def _rel(out, ref):
     return ((out.double().cpu() - ref.double().cpu()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _check_prefill(lens, slots, H, K, V, dtype, seed, decay="normal", u_zero=False):
+def _check_prefill(lens, slots, H, K, V, dtype, seed, decay="normal", u_zero=False, tuning=None):
     T = sum(lens)
     r, k, v, w, u, pool = _inputs(T, H, K, V, dtype, seed, decay, u_zero, num_slots=max(8, max(slots) + 2))
     pool0 = pool.clone()
@@ -79,7 +79,7 @@ def _check_prefill(lens, slots, H, K, V, dtype, seed, decay="normal", u_zero=Fal
     cu = [0]
     for n in lens:
         cu.append(cu[-1] + n)
-    y = wkv6_prefill(r, k, v, w, u, torch.tensor(cu), pool, slots_t)
+    y = wkv6_prefill(r, k, v, w, u, torch.tensor(cu), pool, slots_t, *([tuning] if tuning else []))
     assert y.dtype == dtype and y.shape == (T, H, V)
     assert torch.isfinite(y).all() and torch.isfinite(pool).all()
     for b, n in enumerate(lens):
@@ -108,6 +108,19 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("lens,slots,dtype,decay,u_zero", PREFILL_CASES)
 def test_prefill_matches_recurrence(lens, slots, dtype, decay, u_zero):
     _check_prefill(lens, slots, 2, 16, 16, dtype, seed=sum(lens), decay=decay, u_zero=u_zero)
+
+
+# every launch choice computes the same thing (up to rounding): running products of exp(w) on the
+# diagonal blocks, and several key-channel widths per step there
+TUNINGS = [dict(diag_products=True), dict(diag_channels=4), dict(diag_channels=16, diag_products=True)]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=str)
+@pytest.mark.parametrize("case", [0, 1, 4, 6])
+def test_prefill_tunings_match_recurrence(case, tuning):
+    lens, slots, dtype, decay, u_zero = PREFILL_CASES[case].values
+    _check_prefill(lens, slots, 2, 16, 16, dtype, seed=sum(lens), decay=decay, u_zero=u_zero,
+                   tuning=_prefill_mod.PrefillTuning(**tuning))
 
 
 def test_prefill_wider_head():
@@ -237,6 +250,18 @@ def test_dispatch_choice(monkeypatch):
 @pytest.mark.parametrize("decay", ["normal", "strong"])
 def test_gpu_prefill_real_shape(dtype, decay):
     _check_prefill([1, 17, 64, 300, 1000, 2], [9, 3, 0, 12, 5, 7], 32, 64, 64, dtype, seed=7, decay=decay)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tuning", [dict(diag_products=True), dict(diag_channels=16, diag_products=True),
+                                    dict(precision="tf32")], ids=str)
+def test_gpu_prefill_tunings_real_shape(dtype, tuning):
+    """tf32 products (one pass) are checked at bf16's tolerance only: that is what they are for."""
+    if tuning.get("precision") == "tf32" and dtype == torch.float32:
+        pytest.skip("single-pass tf32 is not float32-accurate")
+    _check_prefill([1, 17, 64, 300, 1000, 2], [9, 3, 0, 12, 5, 7], 32, 64, 64, dtype, seed=7, decay="strong",
+                   tuning=_prefill_mod.PrefillTuning(**tuning))
 
 
 @pytest.mark.gpu
