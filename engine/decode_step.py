@@ -6,6 +6,11 @@ Per step and sequence it derives the new token's keys and values of every GOLD l
 compressed key and the one before it), writes them to the working-set pages, and attends through
 the page tables with one paged attention call per layer. The same arithmetic as
 `GoldFinchModel.step` on a decode batch (tested token for token against it).
+
+A small batch is bound by its kernel count, so the step batches across layers where it can: every
+GOLD layer's new keys and values in one computation and one write, every layer's token-shift rows
+gathered once at the start and written once at the end, and each block's projections that read
+same-shaped inputs as one stacked product (`engine.decode_ops`).
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from torch import Tensor
 from kernels.dispatch import paged_attention, wkv_decode
 
 from . import layers as L
+from .config import TMIX_FINCH
+from .decode_ops import DecayValue2Lora
 from .kv_pool import PagedKeyCache
 from .kv_working_set import PagedKVPool
 from .state import RNNStatePool
@@ -37,43 +44,68 @@ class DecodeInputs:
     seq_lens: Tensor  # [B] int32: keys each query attends to (positions + 1)
 
 
+class TokenShiftRows:
+    """Every layer's carried token-shift rows of a step's batch, gathered once when the step starts;
+    the blocks' new rows are collected in layer order and written back once when it ends. Exact: a
+    block reads only its own layer's carried row."""
+
+    def __init__(self, rnn: RNNStatePool, slots: Tensor) -> None:
+        self.tmix_prev = rnn.tmix_shift.index_select(1, slots)  # [n_layer, B, C]
+        self.cmix_prev = rnn.cmix_shift.index_select(1, slots)
+        self.tmix_new: list[Tensor] = []
+        self.cmix_new: list[Tensor] = []
+
+    def write_back(self, rnn: RNNStatePool, slots: Tensor) -> None:
+        if not len(self.tmix_new) == len(self.cmix_new) == rnn.tmix_shift.shape[0]:
+            raise RuntimeError(f"token shift: {len(self.tmix_new)}/{len(self.cmix_new)} new rows "
+                               f"for {rnn.tmix_shift.shape[0]} layers")
+        rnn.tmix_shift.index_copy_(1, slots, torch.stack(self.tmix_new))
+        rnn.cmix_shift.index_copy_(1, slots, torch.stack(self.cmix_new))
+
+
 class DecodeStep:
     """Binds a model to the pools it decodes over; `__call__` is the capturable step."""
 
     def __init__(self, model, rnn: RNNStatePool, key_cache: PagedKeyCache, kv_pool: PagedKVPool) -> None:
         self.model, self.rnn, self.key_cache, self.kv_pool = model, rnn, key_cache, kv_pool
+        cfg = model.config
+        self.gold_kv_weights = L.GoldKVWeights.stack([model.blocks[i] for i in range(cfg.gold_start, cfg.n_layer)])
+        merge = cfg.tmix != TMIX_FINCH and cfg.use_v2
+        self.decay_value2_loras = [DecayValue2Lora.merge(model.blocks[i]) if merge else None
+                                   for i in range(cfg.n_finch)]
 
     @torch.inference_mode()
     def __call__(self, inp: DecodeInputs, num_splits: int | None = None) -> Tensor:
         """Logits [B, V] in the model dtype; updates states, compressed keys and working sets."""
         m, cfg = self.model, self.model.config
+        shifts = TokenShiftRows(self.rnn, inp.state_slots)
         x = m.embed(inp.token_ids)
         for layer in range(cfg.n_finch):
-            x = self._finch_block(layer, x, inp)
+            x = self._finch_block(layer, x, inp, shifts)
         compressed = F.linear(x, m.w_compress)
         self.key_cache.write(inp.key_slots, compressed, inp.token_ids)
         self._store_new_keys_values(compressed, inp)
         for j, layer in enumerate(range(cfg.gold_start, cfg.n_layer)):
-            x = self._gold_block(layer, j, x, inp, num_splits)
+            x = self._gold_block(layer, j, x, inp, shifts, num_splits)
+        shifts.write_back(self.rnn, inp.state_slots)
         x = F.layer_norm(x, (x.shape[-1],), *m.ln_out)
         return F.linear(x, m.head)
 
-    def _finch_block(self, layer: int, x: Tensor, inp: DecodeInputs) -> Tensor:
+    def _finch_block(self, layer: int, x: Tensor, inp: DecodeInputs, shifts: TokenShiftRows) -> Tensor:
         m, cfg = self.model, self.model.config
         w, rnn, slots, H, N = m.blocks[layer], self.rnn, inp.state_slots, cfg.n_head, cfg.head_size
-        tmix, cmix = rnn.tmix_shift[layer], rnn.cmix_shift[layer]
-        # a token shift reads the carried row before the block and stores the new one after
-        xa, r, k, v, log_decay, u, extra = m.ops.finch_tmix_in(x, tmix.index_select(0, slots), w, cfg)
-        tmix.index_copy_(0, slots, xa)
-        heads = lambda t: t.view(t.shape[0], H, N)  # noqa: E731
+        xa, r, k, v, log_decay, u, extra = m.ops.finch_tmix_in_stacked(x, shifts.tmix_prev[layer], w,
+                                                                       self.decay_value2_loras[layer], cfg)
+        shifts.tmix_new.append(xa)
+        heads = lambda t: t.view(t.shape[0], H, N)  # noqa: E731  (rows may be strided, channels are not)
         y = wkv_decode(heads(r), heads(k), heads(v), heads(log_decay), u, rnn.wkv[layer], slots)
         x, xf = m.ops.finch_tmix_out(x, y.view(r.shape), extra, w, cfg)
-        x = m.ops.channel_mix_residual(x, xf, cmix.index_select(0, slots), w)
-        cmix.index_copy_(0, slots, xf)
-        return x
+        shifts.cmix_new.append(xf)
+        return m.ops.channel_mix_residual_stacked(x, xf, shifts.cmix_prev[layer], w, cfg)
 
     def _store_new_keys_values(self, compressed: Tensor, inp: DecodeInputs) -> None:
-        """Every GOLD layer's key and value of the new tokens, into the working-set pages."""
+        """Every GOLD layer's key and value of the new tokens, into the working-set pages: one
+        computation and one write for all layers (their inputs are the same, only weights differ)."""
         m, cfg = self.model, self.model.config
         flat_keys, flat_ids = self.key_cache.compressed_keys.view(-1, cfg.compressed_dim), self.key_cache.token_ids.view(-1)
         prev_c = flat_keys.index_select(0, inp.prev_key_slots)
@@ -82,26 +114,25 @@ class DecodeStep:
         proto, token_values = m.decompress(torch.cat([prev_c, compressed.to(prev_c.dtype)]),
                                            torch.cat([prev_ids.long(), inp.token_ids]))
         B = inp.token_ids.shape[0]
-        for j, layer in enumerate(range(cfg.gold_start, cfg.n_layer)):
-            keys, values = m.ops.gold_keys_values_rows(proto[B:], proto[:B], token_values[B:], token_values[:B],
-                                                   m.blocks[layer])
-            if cfg.rope is not None:
-                keys = L.rotary(keys.view(B, cfg.n_head, -1), inp.positions, cfg.rope.theta,
-                                cfg.rope.rescale).reshape(keys.shape)
-            self.kv_pool.write(j, inp.kv_slots, keys, values)
+        keys, values = m.ops.gold_keys_values_rows_all_layers(proto[B:], proto[:B], token_values[B:], token_values[:B],
+                                                              self.gold_kv_weights)  # [n_gold, B, C] each
+        if cfg.rope is not None:
+            n_gold = keys.shape[0]
+            keys = L.rotary(keys.view(n_gold, B, cfg.n_head, -1), inp.positions, cfg.rope.theta,
+                            cfg.rope.rescale).reshape(n_gold, B, -1)
+        self.kv_pool.write_all_layers(inp.kv_slots, keys, values)
 
-    def _gold_block(self, layer: int, j: int, x: Tensor, inp: DecodeInputs, num_splits: int | None) -> Tensor:
+    def _gold_block(self, layer: int, j: int, x: Tensor, inp: DecodeInputs, shifts: TokenShiftRows,
+                    num_splits: int | None) -> Tensor:
         m, cfg = self.model, self.model.config
-        w, rnn, slots, H, D = m.blocks[layer], self.rnn, inp.state_slots, cfg.n_head, cfg.head_size
-        tmix, cmix = rnn.tmix_shift[layer], rnn.cmix_shift[layer]
-        xa, q = m.ops.gold_query_in(x, tmix.index_select(0, slots), w)
-        tmix.index_copy_(0, slots, xa)
+        w, H, D = m.blocks[layer], cfg.n_head, cfg.head_size
+        xa, q = m.ops.gold_query_in(x, shifts.tmix_prev[layer], w)
+        shifts.tmix_new.append(xa)
         q = q.view(-1, H, D)
         if cfg.rope is not None:
             q = L.rotary(q, inp.positions, cfg.rope.theta, cfg.rope.rescale)
         k_pages, v_pages = self.kv_pool.layer(j, H)
         o = paged_attention(q, k_pages, v_pages, inp.kv_page_tables, inp.seq_lens, num_splits=num_splits)
         x, xb = m.ops.gold_attention_out(x, o.reshape(x.shape[0], -1), w)
-        x = m.ops.channel_mix_residual(x, xb, cmix.index_select(0, slots), w)
-        cmix.index_copy_(0, slots, xb)
-        return x
+        shifts.cmix_new.append(xb)
+        return m.ops.channel_mix_residual_stacked(x, xb, shifts.cmix_prev[layer], w, cfg)

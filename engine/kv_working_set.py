@@ -70,6 +70,13 @@ class PagedKVPool:
         self.keys[j].view(-1, self.keys.shape[-1]).index_copy_(0, slots, keys.to(self.keys.dtype))
         self.values[j].view(-1, self.values.shape[-1]).index_copy_(0, slots, values.to(self.values.dtype))
 
+    def write_all_layers(self, slots: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Stores rows of every layer at the same flat slots (keys, values: [n_gold, N, C]): one copy
+        each for keys and values instead of one per layer."""
+        n, c = self.keys.shape[0], self.keys.shape[-1]
+        self.keys.view(n, -1, c).index_copy_(1, slots, keys.to(self.keys.dtype))
+        self.values.view(n, -1, c).index_copy_(1, slots, values.to(self.values.dtype))
+
     def gather(self, j: int, pages: list[int], length: int) -> tuple[Tensor, Tensor]:
         """Layer j's keys and values of positions [0, length) of a page table, contiguous."""
         slots = self.flat_slots(pages, 0, length)

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from . import decode_ops as D
 from . import layers as L
 
 ENV_VAR = "GOLDFINCH_COMPILE"
@@ -19,7 +20,9 @@ ENV_VAR = "GOLDFINCH_COMPILE"
 # tokens 59K tok/s compiled vs 72K eager; 16K: 135K vs 112K; 128K: 139K vs 117K.
 MIN_COMPILED_TOKENS = 8192
 FUNCTIONS = ("finch_tmix_projections", "finch_tmix_output", "channel_mix", "gold_query", "gold_keys_values_rows",
-             "finch_tmix_in", "finch_tmix_out", "channel_mix_residual", "gold_query_in", "gold_attention_out")
+             "finch_tmix_in", "finch_tmix_out", "channel_mix_residual", "gold_query_in", "gold_attention_out",
+             "gold_keys_values_rows_all_layers", "finch_tmix_in_stacked", "channel_mix_residual_stacked")
+MODULES = (L, D)  # where the FUNCTIONS live (decode_ops: the decode step's stacked-weight versions)
 
 
 def compile_requested(device: torch.device) -> bool:
@@ -31,7 +34,7 @@ class LayerOps:
     def __init__(self, compiled: bool) -> None:
         self.compiled = compiled
         for name in FUNCTIONS:
-            fn = getattr(L, name)
+            fn = next(getattr(module, name) for module in MODULES if hasattr(module, name))
             setattr(self, name, torch.compile(fn, dynamic=True) if compiled else fn)
         self.eager = self if not compiled else LayerOps(False)
 

@@ -5,6 +5,8 @@ passes each row's previous row (`prev`): the carried state for a sequence's firs
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -12,6 +14,16 @@ from torch import Tensor
 from .config import TMIX_FINCH, ModelConfig
 
 RMS_EPS = 1e-8
+# row-stacked projection matrices (`LayerWeights.stack_rows`): the decode step reads each as one product
+TMIX_STACKED = "att.projections_stacked"  # receptance, key, value (and gate in x060) of a Finch block
+CMIX_STACKED = "ffn.kr_stacked"  # key, receptance of every block's channel mix
+CMIX_STACKED_NAMES = ("ffn.key.weight", "ffn.receptance.weight")
+
+
+def tmix_stacked_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The Finch time-mix projections stacked under TMIX_STACKED, in row order."""
+    names = ("att.receptance.weight", "att.key.weight", "att.value.weight")
+    return names + ("att.gate.weight",) if cfg.tmix == TMIX_FINCH else names
 
 
 def rms_norm(x: Tensor, eps: float = RMS_EPS) -> Tensor:
@@ -34,6 +46,19 @@ class LayerWeights:
     def __getitem__(self, name: str) -> Tensor:
         return self._w[name]
 
+    def stack_rows(self, names: tuple[str, ...], stacked_name: str) -> dict[str, Tensor]:
+        """Concatenates the named matrices (same width) into one, kept as `stacked_name`, and
+        re-points each name to its row slice: a contiguous view, so the weights exist once and the
+        general path reads exactly what it read before. Returns the views by name."""
+        stacked = torch.cat([self._w[n] for n in names])
+        views, start = {}, 0
+        for n in names:
+            rows = self._w[n].shape[0]
+            views[n] = self._w[n] = stacked[start: start + rows]
+            start += rows
+        self._w[stacked_name] = stacked
+        return views
+
     def __contains__(self, name: str) -> bool:
         return name in self._w
 
@@ -46,18 +71,24 @@ def linear(x: Tensor, w: LayerWeights, name: str) -> Tensor:
     return F.linear(x, w[f"{name}.weight"])
 
 
-def finch_tmix_projections(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig):
-    """Everything of a Finch time mix before the WKV recurrence.
-
-    Returns r, k, v, log-decay w (float32, `-exp(w_raw)`), u, and the extra of each variant:
-    the gate (x060) or v2 (x060c2), all [N, dim_att]."""
+def finch_mixes(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig) -> dict[str, Tensor]:
+    """The token-shift mixes of a Finch time mix, one [N, C] input per projection, by its short name
+    (w, k, v, r and g in x060; r, k, v, w and v2 in x060c2)."""
     dx = prev - x
     xxx = x + dx * w["att.time_maa_x"]
     n_mix = w["att.time_maa_w2"].shape[0]
     mix = torch.tanh(xxx @ w["att.time_maa_w1"]).view(x.shape[0], n_mix, -1).transpose(0, 1)
     mix = torch.bmm(mix, w["att.time_maa_w2"])  # [n_mix, N, C]
     names = ("w", "k", "v", "r", "g") if cfg.tmix == TMIX_FINCH else ("r", "k", "v", "w", "v2")
-    xs = {n: x + dx * (w[f"att.time_maa_{n}"] + m) for n, m in zip(names, mix.unbind(0))}
+    return {n: x + dx * (w[f"att.time_maa_{n}"] + m) for n, m in zip(names, mix.unbind(0))}
+
+
+def finch_tmix_projections(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig):
+    """Everything of a Finch time mix before the WKV recurrence.
+
+    Returns r, k, v, log-decay w (float32, `-exp(w_raw)`), u, and the extra of each variant:
+    the gate (x060) or v2 (x060c2), all [N, dim_att]."""
+    xs = finch_mixes(x, prev, w, cfg)
     r = linear(xs["r"], w, "att.receptance")
     k = linear(xs["k"], w, "att.key")
     v = linear(xs["v"], w, "att.value")
@@ -136,9 +167,58 @@ def gold_keys_values_rows(k: Tensor, k_prev: Tensor, xo: Tensor, xo_prev: Tensor
     return layer_norm(k, w, "att.ln_k"), layer_norm(v, w, "att.ln_v")
 
 
+@dataclass(frozen=True)
+class GoldKVWeights:
+    """What `gold_keys_values_rows` reads, of every GOLD layer, stacked along a leading layer axis
+    (n) and, where keys and values have one weight each, a kind axis (key, value). Copies: they are
+    LoRA-sized."""
+
+    maa_v_cache: Tensor  # [n, 1, C]
+    maa_w1: Tensor  # [n, C, n_mix * r]: time_maa_kv_w1
+    maa_w2: Tensor  # [n, n_mix, r, C]: time_maa_kv_w2 (mixes of the key, then the value)
+    maa_kv: Tensor  # [n, 2, 1, C]: time_maa_k, time_maa_v
+    lora_w1: Tensor  # [n, 2, C, R]: time_key_w1, time_value_w1
+    lora_w2: Tensor  # [n, 2, R, C]: time_key_w2, time_value_w2
+    ln_weight: Tensor  # [n, 2, 1, C]: ln_k, ln_v
+    ln_bias: Tensor  # [n, 2, 1, C]
+
+    @classmethod
+    def stack(cls, blocks: list[LayerWeights]) -> "GoldKVWeights":
+        def layers(name: str) -> Tensor:
+            return torch.stack([w[name] for w in blocks])
+
+        def kinds(key_name: str, value_name: str) -> Tensor:
+            return torch.stack([layers(key_name), layers(value_name)], dim=1)
+
+        vector = lambda t: t[..., None, :]  # noqa: E731  [.., C] -> [.., 1, C], broadcast over rows
+        return cls(maa_v_cache=vector(layers("att.time_maa_v_cache")), maa_w1=layers("att.time_maa_kv_w1"),
+                   maa_w2=layers("att.time_maa_kv_w2"), maa_kv=vector(kinds("att.time_maa_k", "att.time_maa_v")),
+                   lora_w1=kinds("att.time_key_w1", "att.time_value_w1"),
+                   lora_w2=kinds("att.time_key_w2", "att.time_value_w2"),
+                   ln_weight=vector(kinds("att.ln_k.weight", "att.ln_v.weight")),
+                   ln_bias=vector(kinds("att.ln_k.bias", "att.ln_v.bias")))
+
+
+def gold_keys_values_rows_all_layers(k: Tensor, k_prev: Tensor, xo: Tensor, xo_prev: Tensor,
+                                     w: GoldKVWeights) -> tuple[Tensor, Tensor]:
+    """`gold_keys_values_rows` of every GOLD layer at once: the inputs ([N, C] each) are the same for
+    all layers, only the weights differ, so each step of it is one batched product or one pointwise
+    pass over [n, 2, N, C] (n layers, keys and values). Returns keys and values [n, N, C]."""
+    n, N, C = w.maa_w1.shape[0], xo.shape[0], xo.shape[-1]
+    dxo = xo_prev - xo
+    xxx = xo + dxo * w.maa_v_cache  # [n, N, C]
+    mix = torch.tanh(torch.matmul(xxx, w.maa_w1)).view(n, N, w.maa_w2.shape[1], -1).transpose(1, 2)
+    mixes = torch.matmul(mix, w.maa_w2)  # [n, 2, N, C]: the key's and the value's
+    kv = torch.stack([k, xo]) + torch.stack([k_prev - k, dxo]) * (w.maa_kv + mixes)
+    kv = kv + torch.matmul(torch.tanh(torch.matmul(kv, w.lora_w1)), w.lora_w2)
+    kv = F.layer_norm(kv, (C,)) * w.ln_weight + w.ln_bias
+    return kv[:, 0], kv[:, 1]
+
+
 def rotary(x: Tensor, positions: Tensor, theta: float, rescale: float) -> Tensor:
     """Rotates [L, H, D] rows at absolute `positions` [L] as the reference does (adjacent channel
-    pairs as complex numbers, frequencies theta^-(2i/D) / rescale); only relative positions matter."""
+    pairs as complex numbers, frequencies theta^-(2i/D) / rescale); only relative positions matter.
+    Leading dims broadcast: [n, L, H, D] rotates n stacks of the same L rows (every GOLD layer's keys)."""
     D = x.shape[-1]
     velocity = theta ** -(torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D) / rescale
     angles = torch.outer(positions.double(), velocity)

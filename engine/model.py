@@ -60,12 +60,26 @@ class GoldFinchModel:
         self.dtype = w["emb.weight"].dtype
         self.device = w["emb.weight"].device
         self.blocks = [L.LayerWeights(w, f"blocks.{i}.") for i in range(self.config.n_layer)]
+        self._stack_projections(w)
         self.emb, self.head = w["emb.weight"], w["head.weight"]
         self.ln0 = (w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"])
         self.ln_out = (w["ln_out.weight"], w["ln_out.bias"])
         self.w_compress, self.w_decompress = w["w_kv_cache_a.weight"], w["w_kv_cache_b.weight"]
         self.gold_work = GoldWorkCounter()
         self.ops = LayerOps(compile_requested(self.device) if compile_layers is None else compile_layers)
+
+    def _stack_projections(self, weights: dict[str, Tensor]) -> None:
+        """Row-stacks each block's projections that read same-shaped inputs (`layers.TMIX_STACKED`,
+        `layers.CMIX_STACKED`: the decode step reads each as one product) and re-points the
+        checkpoint's entries to the views, so that the separate originals are freed."""
+        tmix_names = L.tmix_stacked_names(self.config)
+        for i, block in enumerate(self.blocks):
+            stacks = [(L.CMIX_STACKED_NAMES, L.CMIX_STACKED)]
+            if i < self.config.gold_start:
+                stacks.append((tmix_names, L.TMIX_STACKED))
+            for names, stacked_name in stacks:
+                for name, view in block.stack_rows(names, stacked_name).items():
+                    weights[f"blocks.{i}.{name}"] = view
 
     # ---- embeddings and key derivation -------------------------------------------------------
     def embed(self, token_ids: Tensor) -> Tensor:
