@@ -260,13 +260,9 @@ class LLMEngine:
         return self.sampler(logits, batch)
 
     def _read_samples(self, launched: LaunchedStep):
-        result = launched.sample
-        if result is None:
+        if launched.sample is None:
             return
-        tokens = result.token_ids.tolist()  # waits for this step (not for one launched after it)
-        chosen = result.logprobs.tolist()
-        top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
-        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        tokens, chosen, top_ids, top_lps = launched.host.lists()  # waits for this step, not the next
         for i, (_, seq) in enumerate(launched.ready):
             logprob = None
             if seq.params.logprobs is not None:

@@ -14,20 +14,57 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from .sampler import SamplerOutput
 from .scheduler import ScheduledSequence, SchedulerOutput
 from .sequence import Sequence
 
 
 @dataclass
+class HostSamples:
+    """A step's sampler output on its way to host memory: copies queued right behind the sampler,
+    so that waiting for them waits for this step only. (Reading the device tensors directly would
+    queue the copy behind everything launched since, the next step included, and the GPU would
+    idle again while the host works.)"""
+
+    tensors: tuple[Tensor | None, ...]  # token ids, logprobs, top-logprob ids, top logprobs
+    copied: torch.cuda.Event | None  # None on the CPU: the copies are done
+
+    @classmethod
+    def queue(cls, result: SamplerOutput) -> "HostSamples":
+        device = result.token_ids.device
+        tensors = (result.token_ids, result.logprobs, result.top_logprob_ids, result.top_logprobs)
+        if device.type != "cuda":
+            return cls(tensors, None)
+        host = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                     for t in tensors)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, event)
+
+    def lists(self) -> tuple[list | None, ...]:
+        """Waits for the copies; the four as Python lists (None where the sampler gave none)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return tuple(None if t is None else t.tolist() for t in self.tensors)
+
+
+@dataclass
 class LaunchedStep:
     """A step on its way through the device: what was scheduled, which rows sample a token, and the
-    sampler's output (device tensors, not read back yet)."""
+    sampler's output (device tensors, the next step's input tokens) with its copy to the host."""
 
     sched: SchedulerOutput
     ready: list[tuple[int, Sequence]]  # (logits row, sequence) of every token sampled
     sample: SamplerOutput | None
     ahead: bool = False  # launched before the previous step's tokens were read back
+    host: HostSamples | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample is not None and self.host is None:
+            self.host = HostSamples.queue(self.sample)
 
 
 def can_launch_ahead(engine, current: LaunchedStep) -> bool:
