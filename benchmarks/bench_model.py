@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import subprocess
@@ -49,7 +50,8 @@ def card_roofline() -> dict:
 
 def bench_prefill(model: GoldFinchModel, lengths: list[int], deadline: float, chunk: int = 131072) -> list[dict]:
     """One request per length; prompts longer than `chunk` are fed in chunks with the state carried
-    (chunked prefill: a 1M-token pass in one piece would need ~60 GB of activations)."""
+    (chunked prefill: a 1M-token pass in one piece would need ~60 GB of activations); only the last
+    chunk runs the GOLD layers (`model.forward(logits=False)`, what the engine does)."""
     out = []
     for T in lengths:
         if time.monotonic() > deadline:
@@ -59,8 +61,8 @@ def bench_prefill(model: GoldFinchModel, lengths: list[int], deadline: float, ch
 
         def run():
             state = None
-            for start in range(0, T, chunk):
-                _, state = model.forward(tokens[:, start:start + chunk], state)
+            for start in range(0, T, chunk):  # chunks before the last skip the GOLD layers, as in the engine
+                _, state = model.forward(tokens[:, start:start + chunk], state, logits=start + chunk >= T)
 
         try:
             torch.cuda.reset_peak_memory_stats()
@@ -168,6 +170,7 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int, str]], deadl
         except (torch.OutOfMemoryError, RuntimeError, AssertionError) as exc:
             out.append({"batch": batch, "context": ctx, "mode": mode, "skipped": f"{type(exc).__name__}: {str(exc)[:80]}"})
         del engine
+        gc.collect()  # an engine's graphs and pools sit in reference cycles: free them before the next case
         torch.cuda.empty_cache()
         print(json.dumps({"decode": out[-1]}), flush=True)
     return out

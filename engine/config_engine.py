@@ -45,9 +45,13 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
         self.scheduler_config()  # validates its fields
 
-    def scheduler_config(self) -> SchedulerConfig:
+    def scheduler_config(self, gold_tail_len: int = 0) -> SchedulerConfig:
+        """`gold_tail_len`: the model's (ModelConfig.gold_tail_len). Prompts then end with a chunk at
+        least that long, so that the GOLD layers skip the chunks before; not when the token budget
+        is under twice that (a prompt's last chunk could wait too long for a step to fit it)."""
+        min_final = gold_tail_len if self.max_num_batched_tokens >= 2 * gold_tail_len else 0
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_model_len=self.max_model_len)
+                               max_model_len=self.max_model_len, min_final_chunk=min_final)
 
 
 def cache_config_for(config: EngineConfig, model) -> CacheConfig:

@@ -42,11 +42,13 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.cache = CacheManager(model.config, cache_config_for(self.config, model), model.dtype, model.device)
         self.sessions = SessionStore(self.cache, self.config.session_host_bytes, self.config.max_sessions)
-        self.scheduler = Scheduler(self.config.scheduler_config(), self.cache, make_room=self.sessions.make_room)
+        self.scheduler = Scheduler(self.config.scheduler_config(model.config.gold_tail_len), self.cache,
+                                   make_room=self.sessions.make_room)
         self.runner = ModelRunner(model, self.cache, working_set_budget(self.config, model.device),
                                   decode_fast_path=self.config.decode_fast_path, cuda_graphs=self.config.cuda_graphs,
                                   max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len,
-                                  page_size=self.config.kv_working_set_page_size)
+                                  page_size=self.config.kv_working_set_page_size,
+                                  skip_gold_on_chunks=self.scheduler.config.min_final_chunk > 0)
         self.runner.capture_graphs()
         self.sampler = Sampler(compile_noise=model.ops.compiled)  # fused noise hash on CUDA
         self.requests: dict[str, Request] = {}

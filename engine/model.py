@@ -37,12 +37,37 @@ class StepBatch:
     context_lens: tuple[int, ...]  # tokens each sequence had computed before this step
     state_slots: Tensor  # [B] long: each sequence's RNN state slot
     all_logits: bool = False  # logits at every new position (conformance, echo) instead of the last
+    # per sequence, whether its last logit is wanted (None: every one). A sequence without skips
+    # the GOLD layers: a prompt chunk before the last, which the caller guarantees is at least
+    # `ModelConfig.gold_tail_len` tokens, so that nothing of this chunk's GOLD layers is needed
+    needs_logits: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.needs_logits is not None and (len(self.needs_logits) != len(self.query_lens) or self.all_logits):
+            raise ValueError("needs_logits: one entry per sequence, and not with all_logits")
         if len(self.query_lens) != len(self.context_lens) or len(self.query_lens) != self.state_slots.shape[0]:
             raise ValueError("query_lens, context_lens and state_slots must have one entry per sequence")
         if min(self.query_lens, default=1) < 1 or sum(self.query_lens) != self.token_ids.shape[0]:
             raise ValueError(f"query_lens {self.query_lens} must be >= 1 and sum to the {self.token_ids.shape[0]} tokens")
+
+
+class SequenceSubset:
+    """A step's key-cache view restricted to some of its sequences (those running the GOLD layers),
+    renumbered 0.. in order."""
+
+    def __init__(self, view: KeyCacheView, keep: list[int]) -> None:
+        self.view, self.keep = view, keep
+        self.kv_pool = getattr(view, "kv_pool", None)
+
+    def read(self, i: int):
+        return self.view.read(self.keep[i])
+
+    def read_from(self, i: int, start: int):
+        return self.view.read_from(self.keep[i], start)
+
+    def working_set(self, i: int):
+        get = getattr(self.view, "working_set", None)
+        return get(self.keep[i]) if get is not None else None
 
 
 @dataclass
@@ -106,6 +131,13 @@ class GoldFinchModel:
         for layer in range(cfg.n_finch):
             x = self._finch_block(layer, x, win, batch, rnn)
         keys.write(F.linear(x, self.w_compress), batch.token_ids)
+        keep = None if batch.needs_logits is None else [i for i, n in enumerate(batch.needs_logits) if n]
+        full = batch
+        if keep is not None and len(keep) < len(batch.query_lens):
+            if not keep:
+                return self._no_logits(len(batch.query_lens))
+            x, batch, keys = self._gold_subset(x, batch, keys, keep)
+            win = _Windows(starts=[0] * len(keep), lens=list(batch.query_lens))
         x, win = self._gold_input_window(x, win, batch.all_logits)
         step_keys = StepKeys(cfg, self.decompress, keys, batch.context_lens, batch.query_lens,
                              self._ops.gold_keys_values_rows)
@@ -113,7 +145,27 @@ class GoldFinchModel:
             x, win = self._gold_block(layer, j, x, win, batch, rnn, step_keys)
         step_keys.finish()
         x = F.layer_norm(x, (x.shape[-1],), *self.ln_out)
-        return F.linear(x, self.head)
+        logits = F.linear(x, self.head)
+        if batch is not full:  # rows of the sequences that skipped: NaN, never sampled
+            out = self._no_logits(len(full.query_lens))
+            out[self._idx.get(("keep", tuple(keep)), lambda: keep)] = logits
+            return out
+        return logits
+
+    def _no_logits(self, n: int) -> Tensor:
+        return torch.full((n, self.config.vocab_size), float("nan"), dtype=self.dtype, device=self.device)
+
+    def _gold_subset(self, x: Tensor, batch: StepBatch, keys: KeyCacheView, keep: list[int]):
+        """The rows, batch and key-cache view of the sequences in `keep` only."""
+        starts = [0]
+        for n in batch.query_lens:
+            starts.append(starts[-1] + n)
+        rows = self._idx.get(("keep_rows", tuple(keep), batch.query_lens),
+                             lambda: [t for i in keep for t in range(starts[i], starts[i + 1])])
+        sub = StepBatch(token_ids=batch.token_ids[rows], query_lens=tuple(batch.query_lens[i] for i in keep),
+                        context_lens=tuple(batch.context_lens[i] for i in keep),
+                        state_slots=batch.state_slots[self._idx.get(("keep", tuple(keep)), lambda: keep)])
+        return x[rows], sub, SequenceSubset(keys, keep)
 
     def _finch_block(self, layer: int, x: Tensor, win: _Windows, batch: StepBatch, rnn: RNNStatePool) -> Tensor:
         cfg, w, slots = self.config, self.blocks[layer], batch.state_slots
@@ -122,11 +174,11 @@ class GoldFinchModel:
         rnn.tmix_shift[layer, slots] = last
         r, k, v, log_decay, u, extra = self._ops.finch_tmix_projections(cur, prev, w, cfg)
         y = self._wkv(layer, r, k, v, log_decay, u, batch, rnn)
-        x = x + self._ops.finch_tmix_output(y, extra, w, cfg)
-        xf = L.layer_norm(x, w, "ln2")
+        # the residuals and ln2 inside the compiled functions: each is another pass over [N, C]
+        x, xf = self._ops.finch_tmix_out(x, y, extra, w, cfg)
         cur, prev, last = _select_with_prev(xf, win, win.starts, rnn.cmix_shift[layer, slots], self._idx)
         rnn.cmix_shift[layer, slots] = last
-        return x + self._ops.channel_mix(cur, prev, w)
+        return self._ops.channel_mix_residual(x, cur, prev, w)  # cur: every row of x (Finch windows start at 0)
 
     def _wkv(self, layer: int, r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, u: Tensor,
              batch: StepBatch, rnn: RNNStatePool) -> Tensor:
@@ -240,18 +292,21 @@ class GoldFinchModel:
         )
 
     def forward(self, tokens: Tensor, state: "InferenceState | None" = None,
-                all_logits: bool = False) -> tuple[Tensor, "InferenceState"]:
+                all_logits: bool = False, logits: bool = True) -> tuple[Tensor | None, "InferenceState"]:
         """tokens [B, T]; continues `state` (a fresh one if None). Returns logits [B, V], or
-        [B, T, V] with `all_logits`, and the state."""
+        [B, T, V] with `all_logits`, and the state. `logits=False` (a chunk of a longer prompt, whose
+        next chunk brings at least `gold_tail_len` tokens) skips the GOLD layers and returns None."""
         B, T = tokens.shape
         state = state or self.new_state(B)
         context = tuple(state.keys.length(i) for i in range(B))
         state.keys.set_step_lens([T] * B)
         batch = StepBatch(token_ids=tokens.reshape(-1).to(self.device), query_lens=(T,) * B,
                           context_lens=context, state_slots=torch.arange(B, device=self.device),
-                          all_logits=all_logits)
-        logits = self.step(batch, state.rnn, state.keys)
-        return (logits.view(B, T, -1) if all_logits else logits), state
+                          all_logits=all_logits, needs_logits=None if logits else (False,) * B)
+        out = self.step(batch, state.rnn, state.keys)
+        if not logits:
+            return None, state
+        return (out.view(B, T, -1) if all_logits else out), state
 
 
 @dataclass

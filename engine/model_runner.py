@@ -24,8 +24,11 @@ from .scheduler import SchedulerOutput
 class ModelRunner:
     def __init__(self, model: GoldFinchModel, cache: CacheManager, working_set_bytes: int = 0,
                  decode_fast_path: bool = True, cuda_graphs: bool = True, max_num_seqs: int = 64,
-                 max_model_len: int = 4096, page_size: int = 64) -> None:
+                 max_model_len: int = 4096, page_size: int = 64, skip_gold_on_chunks: bool = False) -> None:
+        """`skip_gold_on_chunks`: the scheduler ends every chunked prompt with a chunk of at least
+        the model's `gold_tail_len` tokens, so a chunk before it skips the GOLD layers."""
         self.model = model
+        self.skip_gold_on_chunks = skip_gold_on_chunks
         self.cache = cache
         self.device = model.device
         mc = model.config
@@ -56,11 +59,16 @@ class ModelRunner:
             seq, start = s.seq, s.context_len
             tokens.extend(seq.token_at(i) for i in range(start, start + s.num_new_tokens))
         slots = [s.seq.state_slot for s in sched.scheduled]
+        # a prompt chunk before the last: no logit is sampled from it, and the last chunk is long
+        # enough that the GOLD layers need nothing from this one
+        needs_logits = (tuple(s.context_len + s.num_new_tokens >= s.seq.num_tokens for s in sched.scheduled)
+                        if self.skip_gold_on_chunks else None)
         return StepBatch(
             token_ids=to_device(tokens, torch.long, self.device),
             query_lens=tuple(s.num_new_tokens for s in sched.scheduled),
             context_lens=tuple(s.context_len for s in sched.scheduled),
             state_slots=to_device(slots, torch.long, self.device),
+            needs_logits=needs_logits,
         )
 
     def execute(self, sched: SchedulerOutput) -> Tensor:

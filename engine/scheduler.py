@@ -22,11 +22,16 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # running sequences at once (each owns a state slot)
     max_num_batched_tokens: int = 2048  # tokens per step, decodes and prefill chunks together
     max_model_len: int = 4096  # prompt + generated tokens of one sequence
+    # a prompt split into chunks ends with a chunk of at least this many tokens: the model's GOLD
+    # layers then need nothing of the earlier chunks and skip them (engine.model); 0: no rule
+    min_final_chunk: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.min_final_chunk <= self.max_num_batched_tokens:
+            raise ValueError(f"min_final_chunk: must be in [0, max_num_batched_tokens], got {self.min_final_chunk}")
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,21 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         return out
 
+    def num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """Tokens `seq` catches up this step under `budget`: as many as fit, but never leaving a
+        last chunk shorter than `min_final_chunk` (then fewer now, or none until it fits whole)."""
+        uncomputed = seq.num_uncomputed_tokens
+        n = min(uncomputed, budget)
+        if 0 < uncomputed - n < self.config.min_final_chunk:
+            n = max(0, uncomputed - self.config.min_final_chunk)
+        return n
+
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         queue = list(self.running)
         kept: list[Sequence] = []
         while queue:
             seq = queue.pop(0)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self.num_new_tokens(seq, budget)
             if n == 0:
                 kept.append(seq)
                 continue
@@ -130,7 +144,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.session_claim is not None and seq.session_claim.absorbing:
                 return  # its session's previous turn is feeding its last token: next step
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self.num_new_tokens(seq, budget)
+            if n == 0:
+                return  # its prompt's last chunk waits for a step with room for all of it
             while not self._can_admit(seq, n):
                 if not self.make_room():
                     return
