@@ -20,8 +20,8 @@ from .host_copy import to_device
 from .model import GoldFinchModel
 from .model_runner import ModelRunner
 from .outputs import CompletionDelta, RequestOutput, RequestUpdate, TokenLogprob
-from .request import Request
 from .overlap import LaunchedStep, can_launch_ahead, next_decode_step
+from .request import Request
 from .sampler import Sampler, make_sampling_batch
 from .sampling_params import SamplingParams, resolve_seed
 from .scheduler import Scheduler, SchedulerOutput
@@ -180,7 +180,7 @@ class LLMEngine:
         self.stats.record_step(nxt, time.perf_counter() - started)
         self.stats.overlapped_steps += 1
         ready = [(row, s.seq) for row, s in enumerate(nxt.scheduled)]
-        return LaunchedStep(nxt, ready, self._launch_sampling(logits, ready, pending=1), ahead=True), None
+        return LaunchedStep(nxt, ready, self._launch_sampling(logits, ready, pending=1)), None
 
     def _resolve(self, launched: LaunchedStep) -> list[RequestUpdate]:
         """Reads a launched step's tokens back and processes them: detokenizing, stop checks,
@@ -189,7 +189,7 @@ class LLMEngine:
         deltas: dict[str, list[CompletionDelta]] = {}
         for seq, token, logprob in self._read_samples(launched):
             request = self.requests.get(seq.request_id)
-            if seq.is_finished or request is None or seq not in request.seqs:
+            if seq.is_finished or request is None:
                 continue
             deltas.setdefault(seq.request_id, []).append(
                 request.append_token(seq, token, logprob, self.config.max_model_len))

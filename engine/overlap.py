@@ -59,7 +59,6 @@ class LaunchedStep:
     sched: SchedulerOutput
     ready: list[tuple[int, Sequence]]  # (logits row, sequence) of every token sampled
     sample: SamplerOutput | None
-    ahead: bool = False  # launched before the previous step's tokens were read back
     host: HostSamples | None = None
 
     def __post_init__(self) -> None:
