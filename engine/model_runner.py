@@ -87,6 +87,9 @@ class ModelRunner:
             if sets is not None:
                 view.working_sets, view.kv_pool = sets, self.working_sets.pool
             logits = self.model.step(batch, self.cache.rnn, view)
+            if batch.needs_logits is not None:
+                for s, needed in zip(sched.scheduled, batch.needs_logits):
+                    s.seq.gold_lags = not needed
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
         return logits.float()

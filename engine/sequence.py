@@ -60,6 +60,9 @@ class Sequence:
     session_claim: Any = None  # a Session whose state this sequence resumes when admitted
     sample_index: int = 0  # which of the request's n samples this is
     absorbing: bool = False  # finished; feeding its last token so its session covers every token
+    # the last step was a prompt chunk that skipped the GOLD layers (engine.model): their token-shift
+    # state lags the Finch layers' until the prompt's last chunk, so this state is no session's to keep
+    gold_lags: bool = False
     num_preemptions: int = 0
     first_token_time: float | None = None
     scheduled_time: float | None = None

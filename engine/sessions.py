@@ -155,6 +155,10 @@ class SessionStore:
         if seq is None:
             return
         self._discard_state(session)
+        if seq.gold_lags:  # cancelled between prompt chunks: a follow-up could not continue it exactly
+            self.cache.free(seq)
+            seq.host_copy = None
+            return
         session.token_ids = seq.all_token_ids()[: seq.num_computed_tokens]
         self._take_state(session, seq)
 

@@ -96,3 +96,26 @@ def test_forward_in_chunks_without_logits_equals_one_piece(case):
     _, state = model.forward(tokens[:, 13:20], state, logits=False)
     last, _ = model.forward(tokens[:, 20:], state)
     assert (last - whole).abs().max() < 1e-4
+
+
+def test_a_session_cancelled_mid_prompt_never_keeps_a_state_its_gold_layers_lag():
+    """A chunk that skipped the GOLD layers leaves their token-shift state behind the Finch layers'.
+    A session whose request is cancelled after such a chunk must not keep that state: a follow-up
+    shorter than the GOLD tail would read it. (It starts over instead, and gets the same tokens.)"""
+    model = load_model(CASE)
+    engine = LLMEngine(model, None, EngineConfig(cache_tokens=4096, max_num_batched_tokens=16, check_integrity=True))
+    rng = random.Random(6)
+    prompt = [rng.randrange(512) for _ in range(60)]
+    sid = engine.sessions.open().session_id
+    rid = engine.add_request(prompt, GREEDY, session_id=sid)
+    engine.step()
+    engine.step()  # two chunks of 16, both without GOLD layers
+    engine.abort(rid)
+    follow_up = prompt[:32] + [7, 8]  # extends what was computed by two tokens: one short chunk
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=1)
+    out = engine.generate([follow_up], params, session_ids=[sid])[0]
+    logits, _ = model.forward(torch.tensor([follow_up]))
+    expected = torch.log_softmax(logits[0].double(), -1)
+    first = out.outputs[0].logprobs[0]
+    assert abs(first.logprob - expected[first.token_id].item()) < 1e-4
+    assert out.num_cached_tokens == 0
