@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak import gauges, percentile, rss_mb, start_server  # noqa: E402
+from soak import gauges, own_server_or_url, percentile, rss_mb  # noqa: E402
 
 
 def prompts(seed: int, count: int = 8) -> list[list[int]]:
@@ -211,17 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--out", default=None, help="write the report (JSON) here")
     args = ap.parse_args(argv)
-    server = None
-    if args.url is None:
-        server = start_server("--max-num-seqs", "8", "--max-queue", "16", "--max-model-len", "256",
-                              "--cache-tokens", "8192")
-        url, pid = server.url, server.proc.pid
-    else:
-        if not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
-            raise SystemExit("--url: loopback only")
-        if args.pid is None:
-            raise SystemExit("--pid: needed with --url")
-        url, pid = args.url.rstrip("/"), args.pid
+    server, url, pid = own_server_or_url(args, "--max-num-seqs", "8", "--max-queue", "16", "--max-model-len", "256",
+                                         "--cache-tokens", "8192")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     try:
         report = run(url, pid, duration=args.duration, factor=args.factor, closed_s=args.closed_loop_s,

@@ -48,6 +48,19 @@ def start_server(*args: str):
     return ServerProcess(*args, tokenizer=tok).wait_ready()
 
 
+def own_server_or_url(args: argparse.Namespace, *server_args: str):
+    """(server or None, url, pid): a server started here with `server_args`, or the loopback one
+    given by --url and --pid."""
+    if args.url is None:
+        server = start_server(*server_args)
+        return server, server.url, server.proc.pid
+    if not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+        raise SystemExit("--url: loopback only")
+    if args.pid is None:
+        raise SystemExit("--pid: needed with --url (the server's RSS is read from /proc)")
+    return None, args.url.rstrip("/"), args.pid
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process in MiB (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -419,17 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "soak-results"))
     args = ap.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else max(30.0, 0.1 * args.duration)
-    server = None
-    if args.url is None:
-        server = start_server("--max-model-len", "256", "--max-tokens-limit", "256", "--cache-tokens", "8192",
-                              "--max-num-seqs", "32")
-        url, pid = server.url, server.proc.pid
-    else:
-        if not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
-            raise SystemExit("--url: loopback only")
-        if args.pid is None:
-            raise SystemExit("--pid: needed with --url (the server's RSS is read from /proc)")
-        url, pid = args.url.rstrip("/"), args.pid
+    server, url, pid = own_server_or_url(args, "--max-model-len", "256", "--max-tokens-limit", "256",
+                                         "--cache-tokens", "8192", "--max-num-seqs", "32")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     try:
         print(f"soak: {args.duration:.0f}s against {url} (pid {pid}), {args.concurrency} clients, "
