@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gpu_timing  # noqa: E402
-from gpu_timing import copy_bandwidth, median_ms  # noqa: E402
+from gpu_timing import card_info, copy_bandwidth, median_ms  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels.paged_attention import paged_decode_attention_fwd  # noqa: E402
 from kernels.paged_attention_reference import paged_decode_attention_reference  # noqa: E402
@@ -194,13 +194,8 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_paged_attention: needs a CUDA device")
-    import triton
-
     torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(0)
-    res = {"card": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
-           "torch": torch.__version__, "triton": triton.__version__, "H": H, "D": D, "page": PAGE,
-           "dtype": str(DT)}
+    res = {**card_info(), "H": H, "D": D, "page": PAGE, "dtype": str(DT)}
     res["copy_GBps"] = copy_bandwidth() / 1e9
     print(json.dumps(res), flush=True)
     res["cases"] = []

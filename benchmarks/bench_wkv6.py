@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_timing import copy_bandwidth, graph_ms, median_ms  # noqa: E402
+from gpu_timing import card_info, copy_bandwidth, graph_ms, median_ms  # noqa: E402
 from kernels import wkv6_prefill as prefill_mod  # noqa: E402
 from kernels.wkv6_decode import wkv6_decode  # noqa: E402
 from kernels.wkv6_prefill import wkv6_prefill  # noqa: E402
@@ -251,13 +251,8 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_wkv6: needs a CUDA device")
-    import triton
-
     torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(0)
-    res = {"card": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
-           "torch": torch.__version__, "triton": triton.__version__, "fla": FLA,
-           "fla_error": None if FLA else FLA_ERROR}
+    res = {**card_info(), "fla": FLA, "fla_error": None if FLA else FLA_ERROR}
     res["copy_GBps"] = copy_bandwidth() / 1e9
     print(json.dumps(res), flush=True)
     lengths = [4096, 16384] if args.quick else [4096, 16384, 65536, 131072]

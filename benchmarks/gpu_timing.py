@@ -47,3 +47,11 @@ def copy_bandwidth() -> float:
     y = torch.empty_like(x)
     t = median_ms(lambda: y.copy_(x), warmup=3, repeats=20)
     return 2 * x.numel() * 4 / (t * 1e-3)
+
+
+def card_info() -> dict:
+    """The card and software a benchmark ran on (the head of every result file)."""
+    import triton
+
+    return {"card": torch.cuda.get_device_name(0), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+            "torch": torch.__version__, "triton": triton.__version__}

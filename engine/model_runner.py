@@ -74,13 +74,25 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> Tensor:
         """Runs the step; returns the logits of each scheduled sequence's last new token [B, V]
         (float32). Advances `num_computed_tokens` only after the step succeeded."""
+        return self._run(sched, None)
+
+    def execute_ahead(self, sched: SchedulerOutput, token_ids: Tensor) -> Tensor | None:
+        """A decode step whose input tokens are still on the device (`token_ids` [B], sampled by the
+        step before, not read back: engine.overlap). Only the static decode step takes its tokens
+        from the device; returns None, having changed nothing a later step relies on, when it does
+        not apply (a sequence whose working set is incomplete or could not grow)."""
+        return self._run(sched, token_ids)
+
+    def _run(self, sched: SchedulerOutput, token_ids: Tensor | None) -> Tensor | None:
         seqs = [s.seq for s in sched.scheduled]
         ctx = [s.context_len for s in sched.scheduled]
         q = [s.num_new_tokens for s in sched.scheduled]
         sets = (self.working_sets.for_step(seqs, [c + n for c, n in zip(ctx, q)])
                 if self.working_sets is not None else None)
         if self._fast_decode_applies(ctx, q, sets):
-            logits = self._fast_decode(sched, sets)
+            logits = self._fast_decode(sched, sets, token_ids)
+        elif token_ids is not None:
+            return None
         else:
             batch = self.build_batch(sched)
             view = self.cache.step_view(seqs, ctx, q)
@@ -92,23 +104,6 @@ class ModelRunner:
                     s.seq.gold_lags = not needed
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-        return logits.float()
-
-    def execute_ahead(self, sched: SchedulerOutput, token_ids: Tensor) -> Tensor | None:
-        """A decode step whose input tokens are still on the device (`token_ids` [B], sampled by the
-        step before, not read back: engine.overlap). Only the static decode step takes its tokens
-        from the device; returns None, having changed nothing a later step relies on, when it does
-        not apply (a sequence whose working set is incomplete or could not grow)."""
-        seqs = [s.seq for s in sched.scheduled]
-        ctx = [s.context_len for s in sched.scheduled]
-        if self.working_sets is None or any(s.num_new_tokens != 1 for s in sched.scheduled):
-            return None
-        sets = self.working_sets.for_step(seqs, [c + 1 for c in ctx])
-        if not self._fast_decode_applies(ctx, [1] * len(ctx), sets):
-            return None
-        logits = self._fast_decode(sched, sets, token_ids)
-        for s in sched.scheduled:
-            s.seq.num_computed_tokens += 1
         return logits.float()
 
     def _fast_decode_applies(self, ctx: list[int], q: list[int], sets: list[WorkingSet | None] | None) -> bool:
