@@ -55,13 +55,17 @@ def main() -> None:
     seen = []
     run = engine.runner.graphs.run
 
-    def spy(rows):
+    def spy(rows, token_ids=None):
         seen.append(rows)
-        return run(rows)
+        return run(rows, token_ids)
 
     engine.runner.graphs.run = spy
-    while not seen or len(seen) < 3:
+    for _ in range(64):  # the prompt's chunks, then decode steps through the graphs
+        if len(seen) >= 3:
+            break
         engine.step()
+    if len(seen) < 3:
+        raise SystemExit("no decode step went through the CUDA graphs")
     rows = seen[-1]
     step = engine.runner.decode_step
     run_eager(step, rows, engine.runner.scratch, model.device)
@@ -73,6 +77,13 @@ def main() -> None:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / args.repeat
     report(prof, f"decode step, batch {B}, context {ctx}, eager, {args.repeat} steps", wall, args.rows)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        run(rows)
+    end.record()
+    torch.cuda.synchronize()
+    print(f"graph replay of the same step: {start.elapsed_time(end) / 20:.3f} ms")
     del engine
     torch.cuda.empty_cache()
     for T in (int(t) for t in args.prefill.split(",") if t):

@@ -41,9 +41,12 @@ DECOMPRESSED_ROWS_LIMIT = 1 << 18
 
 class StepKeys:
     def __init__(self, config: ModelConfig, decompress, keys_view, context_lens: tuple[int, ...],
-                 query_lens: tuple[int, ...], keys_values_rows=L.gold_keys_values_rows) -> None:
+                 query_lens: tuple[int, ...], ops=None) -> None:
+        """`ops`: a `layer_ops.LayerOps` whose functions are chosen by the rows they get (a decode
+        step may derive a 100K-token history: that is a long prefill's work, compiled); None: the
+        plain `layers` functions."""
         self.config = config
-        self._keys_values_rows = keys_values_rows
+        self._ops = ops
         self.pool = getattr(keys_view, "kv_pool", None)
         self.context_lens, self.query_lens = context_lens, query_lens
         self._decompress = decompress
@@ -110,7 +113,8 @@ class StepKeys:
         derived one at a time by `derive`."""
         out: dict[int, tuple[Tensor, Tensor] | None] = {}
         if self.with_set:
-            keys, values = self._keys_values_rows(self.proto, self.prev_proto, self.values_in, self.prev_values, w)
+            keys_values_rows = self._for_rows(self.proto.shape[0]).gold_keys_values_rows
+            keys, values = keys_values_rows(self.proto, self.prev_proto, self.values_in, self.prev_values, w)
             keys = self._rotate(keys, self.positions)
             self.pool.write(j, self.slots, keys[self.keep], values[self.keep])
             for n, i in enumerate(self.with_set):
@@ -129,8 +133,11 @@ class StepKeys:
         h = self.histories[i]
         proto, token_values = ((h.proto_keys, h.token_values) if h.compressed is None
                                else self._decompress(*h.compressed))
-        keys, values = L.gold_keys_values(proto, token_values, w)
+        keys, values = self._for_rows(proto.shape[0]).gold_keys_values(proto, token_values, w)
         return self._rotate(keys, torch.arange(keys.shape[0], device=keys.device)), values
+
+    def _for_rows(self, n: int):
+        return L if self._ops is None else self._ops.for_tokens(n)
 
     def page_tables(self, seqs: list[int]) -> tuple[Tensor, Tensor]:
         """int32 page tables [n, P] and key counts [n] of sequences that attend through pages

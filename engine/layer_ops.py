@@ -19,9 +19,12 @@ ENV_VAR = "GOLDFINCH_COMPILE"
 # call's guard checks (~0.1 ms) cost more than fusion saves: H200, 1.5B shape, prefill of 4K
 # tokens 59K tok/s compiled vs 72K eager; 16K: 135K vs 112K; 128K: 139K vs 117K.
 MIN_COMPILED_TOKENS = 8192
+MIN_COMPILED_ENV_VAR = "GOLDFINCH_MIN_COMPILED_TOKENS"  # a benchmark knob: the threshold above
 FUNCTIONS = ("finch_tmix_projections", "finch_tmix_output", "channel_mix", "gold_query", "gold_keys_values_rows",
+             "gold_keys_values",
              "finch_tmix_in", "finch_tmix_out", "channel_mix_residual", "gold_query_in", "gold_attention_out",
-             "gold_keys_values_rows_all_layers", "finch_tmix_in_stacked", "channel_mix_residual_stacked")
+             "gold_keys_values_rows_all_layers", "finch_tmix_in_stacked", "channel_mix_residual_stacked",
+             "finch_tmix_projections_shifted", "channel_mix_residual_shifted")
 MODULES = (L, D)  # where the FUNCTIONS live (decode_ops: the decode step's stacked-weight versions)
 
 
@@ -31,14 +34,19 @@ def compile_requested(device: torch.device) -> bool:
 
 
 class LayerOps:
-    def __init__(self, compiled: bool) -> None:
+    def __init__(self, compiled: bool, shift_inside: bool | None = None) -> None:
+        """`shift_inside` (default: when compiled): the model's Finch blocks pass the carried
+        token-shift rows to the `*_shifted` functions instead of materialising the shifted rows
+        (eager it only adds kernels; tests set it to check the arithmetic is the same)."""
         self.compiled = compiled
+        self.shift_inside = compiled if shift_inside is None else shift_inside
         for name in FUNCTIONS:
             fn = next(getattr(module, name) for module in MODULES if hasattr(module, name))
             setattr(self, name, torch.compile(fn, dynamic=True) if compiled else fn)
         self.eager = self if not compiled else LayerOps(False)
+        self.min_compiled_tokens = int(os.environ.get(MIN_COMPILED_ENV_VAR, MIN_COMPILED_TOKENS))
 
     def for_tokens(self, n: int) -> "LayerOps":
         """The functions for a step of n new tokens (a decode step inside a CUDA graph is compiled
         whatever its size: a replay pays no host cost)."""
-        return self if n >= MIN_COMPILED_TOKENS else self.eager
+        return self if n >= self.min_compiled_tokens else self.eager

@@ -40,3 +40,41 @@ def test_engine_batched_on_gpu_equals_plain_cpu(case, mode):
     cpu_model = load_model(case)
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == greedy_plain(cpu_model, p, 12)
+
+
+def _packed_steps(model, steps):
+    from engine.model import StepBatch
+
+    gen = torch.Generator().manual_seed(3)
+    state = model.new_state(3)
+    for t in (state.rnn.wkv, state.rnn.tmix_shift, state.rnn.cmix_shift):
+        t.copy_(0.5 * torch.randn(t.shape, generator=gen))
+    logits = []
+    for q in steps:
+        context = tuple(state.keys.length(i) for i in range(3))
+        state.keys.set_step_lens(list(q))
+        tokens = torch.randint(0, model.config.vocab_size, (sum(q),), generator=gen).cuda()
+        batch = StepBatch(token_ids=tokens, query_lens=q, context_lens=context,
+                          state_slots=torch.arange(3, device="cuda"))
+        logits.append(model.step(batch, state.rnn, state.keys).cpu())
+    return logits, state
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_long_steps_equal_eager(case):
+    """Steps of >= MIN_COMPILED_TOKENS rows run the compiled layer functions (token shift read
+    inside them, histories' keys derived compiled): the eager functions' results, over carried
+    states, uneven packed prompts and a step continuing a 9K-token history."""
+    from engine.layer_ops import MIN_COMPILED_TOKENS, LayerOps
+
+    steps = ((5000, 1, 4000), (1, 9000, 3))
+    assert all(sum(q) >= MIN_COMPILED_TOKENS for q in steps)
+    model = load_model(case, torch.float32, "cuda")
+    assert model.ops.compiled and model.ops.shift_inside
+    compiled, compiled_state = _packed_steps(model, steps)
+    model.ops = LayerOps(False)
+    eager, eager_state = _packed_steps(model, steps)
+    for a, b in zip(compiled, eager):
+        assert (a - b).abs().max() < 1e-3
+    for name in ("wkv", "tmix_shift", "cmix_shift"):
+        assert (getattr(compiled_state.rnn, name) - getattr(eager_state.rnn, name)).abs().max() < 1e-3, name

@@ -103,3 +103,39 @@ def test_histories_decompressed_per_layer_equal_held_ones(case, monkeypatch):
         c, state = model.forward(tokens[:, 47:], state)
         results.append(torch.cat([a, b, c]))
     assert torch.equal(results[0], results[1])
+
+
+def _two_packed_steps(model, shift_inside: bool):
+    """Uneven prompts, then a step mixing a decode token and chunks, over carried random states."""
+    from engine.layer_ops import LayerOps
+    from engine.model import StepBatch
+
+    model.ops = LayerOps(False, shift_inside=shift_inside)
+    calls = []
+    shifted = model.ops.finch_tmix_projections_shifted
+    model.ops.finch_tmix_projections_shifted = lambda *a: calls.append(1) or shifted(*a)
+    gen = torch.Generator().manual_seed(5)
+    state = model.new_state(3)
+    for t in (state.rnn.wkv, state.rnn.tmix_shift, state.rnn.cmix_shift):
+        t.copy_(0.5 * torch.randn(t.shape, generator=gen))
+    logits = []
+    for q in ((5, 1, 17), (1, 4, 2)):
+        context = tuple(state.keys.length(i) for i in range(3))
+        state.keys.set_step_lens(list(q))
+        batch = StepBatch(token_ids=torch.randint(0, model.config.vocab_size, (sum(q),), generator=gen),
+                          query_lens=q, context_lens=context, state_slots=torch.tensor([0, 1, 2]))
+        logits.append(model.step(batch, state.rnn, state.keys))
+    return logits, state, len(calls)
+
+
+def test_token_shift_inside_the_layer_functions_is_the_same_arithmetic(case):
+    """The compiled prefill's Finch blocks read the token shift inside the layer functions
+    (`LayerOps.shift_inside`): exactly the values of the materialised shift, states included."""
+    model = load_model(case)
+    plain, plain_state, plain_calls = _two_packed_steps(model, shift_inside=False)
+    inside, inside_state, inside_calls = _two_packed_steps(model, shift_inside=True)
+    assert plain_calls == 0 and inside_calls == 2 * model.config.n_finch
+    for a, b in zip(plain, inside):
+        assert torch.equal(a, b)
+    for name in ("wkv", "tmix_shift", "cmix_shift"):
+        assert torch.equal(getattr(plain_state.rnn, name), getattr(inside_state.rnn, name)), name
