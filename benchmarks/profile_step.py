@@ -1,6 +1,6 @@
 """Kernel-level profile (torch.profiler) of one decode step and one prefill at the 1.5B shape.
 
-    python benchmarks/profile_step.py [--batch 1] [--context 4096] [--prefill 4096,131072] [--rows 30]
+    python benchmarks/profile_step.py [--batch 1 (0: prefill only)] [--context 4096] [--prefill 4096,131072] [--rows 30]
 
 Decode: the engine is set up as in bench_model.py; the rows of a real decode step are replayed
 through the static decode step launched eagerly (kernels and their GPU times; a CUDA graph
@@ -25,26 +25,47 @@ from engine.random_model import PAPER_1B5_CONFIG, random_checkpoint  # noqa: E40
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 
+CATEGORIES = (("matmul", ("nvjet", "gemm", "gemv", "splitKreduce", "cutlass", "xmma")), ("wkv", ("wkv6",)),
+              ("attention", ("attention", "fmha", "flash")), ("fused (inductor)", ("triton_",)))
+
+
+def category(name: str) -> str:
+    return next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+
+
 def report(prof, title: str, wall_s: float, rows: int = 30) -> None:
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
-    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    """Kernels only (an aten op's device time is its kernels' again), the top `rows`, and sums by kind."""
+    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0
+               and not e.key.startswith(("aten::", "## ", "Command Buffer", "cuda"))]
     total_us = sum(e.self_device_time_total for e in kernels)
     count = sum(e.count for e in kernels)
-    print(f"\n## {title}: {count} GPU ops, GPU busy {total_us / 1e3:.2f} ms, wall {wall_s * 1e3:.2f} ms")
+    print(f"\n## {title}: {count} kernels, GPU busy {total_us / 1e3:.2f} ms, wall {wall_s * 1e3:.2f} ms")
+    sums: dict[str, list[float]] = {}
+    for e in kernels:
+        acc = sums.setdefault(category(e.key), [0.0, 0])
+        acc[0] += e.self_device_time_total
+        acc[1] += e.count
+    for name, (us, n) in sorted(sums.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {name:18s} {us / 1e3:8.3f} ms {n:6d} kernels")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]:
         print(f"{e.self_device_time_total / 1e3:8.3f} ms {e.count:6d}x  {e.key[:110]}")
-    del events
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="decode batch; 0: no decode profile")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--prefill", default="4096", help="comma-separated prompt lengths")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rows", type=int, default=30)
     args = ap.parse_args()
     model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
+    if args.batch > 0:
+        profile_decode(model, args)
+    profile_prefill(model, args)
+
+
+def profile_decode(model: GoldFinchModel, args) -> None:
     B, ctx = args.batch, args.context
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=B, max_num_batched_tokens=max(ctx, 8192),
                                                  max_model_len=ctx + 64, cache_tokens=B * (ctx + 80),
@@ -86,6 +107,9 @@ def main() -> None:
     print(f"graph replay of the same step: {start.elapsed_time(end) / 20:.3f} ms")
     del engine
     torch.cuda.empty_cache()
+
+
+def profile_prefill(model: GoldFinchModel, args) -> None:
     for T in (int(t) for t in args.prefill.split(",") if t):
         tokens = torch.randint(0, 65536, (1, T), device="cuda")
         model.forward(tokens)

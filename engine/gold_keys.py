@@ -37,6 +37,10 @@ class History:
 # most this (8 KB a row at the 1.5B shape in bf16: 2 GiB); above it (sixteen 128K-token histories
 # would hold 16 GiB), once per layer and sequence
 DECOMPRESSED_ROWS_LIMIT = 1 << 18
+# A history's keys are derived in pieces of at most this many rows: bounded activations, and the
+# compiled functions' kernels stay below 2^31 elements (a 1M-token history in one piece made
+# inductor compile a second, 64-bit-indexed variant inside the request: 1M prefill 138K -> 75K tok/s)
+DERIVE_PIECE_ROWS = 1 << 17
 
 
 class StepKeys:
@@ -129,12 +133,29 @@ class StepKeys:
         return out
 
     def derive(self, i: int, w: L.LayerWeights) -> tuple[Tensor, Tensor]:
-        """Keys and values of sequence i's whole history (it has no working set) for one layer."""
+        """Keys and values of sequence i's whole history (it has no working set) for one layer, in
+        pieces of at most DERIVE_PIECE_ROWS (each piece's first row is derived again from the row
+        before it, with that row's own result discarded: every row depends on its predecessor only)."""
         h = self.histories[i]
-        proto, token_values = ((h.proto_keys, h.token_values) if h.compressed is None
-                               else self._decompress(*h.compressed))
-        keys, values = self._for_rows(proto.shape[0]).gold_keys_values(proto, token_values, w)
+        n = h.proto_keys.shape[0] if h.compressed is None else h.compressed[0].shape[0]
+        if n <= DERIVE_PIECE_ROWS and h.compressed is None:
+            keys, values = self._for_rows(n).gold_keys_values(h.proto_keys, h.token_values, w)
+        else:
+            keys = values = None
+            for a in range(0, n, DERIVE_PIECE_ROWS):
+                lo, hi = max(a - 1, 0), min(n, a + DERIVE_PIECE_ROWS)
+                proto, token_values = self._history_rows(h, lo, hi)
+                k, v = self._for_rows(hi - lo).gold_keys_values(proto, token_values, w)
+                if keys is None:
+                    keys, values = k.new_empty(n, k.shape[1]), v.new_empty(n, v.shape[1])
+                keys[a:hi], values[a:hi] = k[a - lo:], v[a - lo:]
         return self._rotate(keys, torch.arange(keys.shape[0], device=keys.device)), values
+
+    def _history_rows(self, h: History, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        if h.compressed is None:
+            return h.proto_keys[lo:hi], h.token_values[lo:hi]
+        compressed, token_ids = h.compressed
+        return self._decompress(compressed[lo:hi], token_ids[lo:hi])
 
     def _for_rows(self, n: int):
         return L if self._ops is None else self._ops.for_tokens(n)

@@ -96,13 +96,18 @@ def test_histories_decompressed_per_layer_equal_held_ones(case, monkeypatch):
     model = load_model(case)
     tokens = _tokens(model, 48, seed=7).repeat(3, 1)
     results = []
-    for limit in (gold_keys.DECOMPRESSED_ROWS_LIMIT, 0):
+    piece = gold_keys.DERIVE_PIECE_ROWS
+    # then histories derived in pieces (`DERIVE_PIECE_ROWS`), held or decompressed piece by piece
+    for limit, rows in ((gold_keys.DECOMPRESSED_ROWS_LIMIT, piece), (0, piece), (1 << 18, 5), (0, 7), (0, 1)):
         monkeypatch.setattr(gold_keys, "DECOMPRESSED_ROWS_LIMIT", limit)
+        monkeypatch.setattr(gold_keys, "DERIVE_PIECE_ROWS", rows)
         a, state = model.forward(tokens[:, :30])
         b, state = model.forward(tokens[:, 30:47], state)
         c, state = model.forward(tokens[:, 47:], state)
         results.append(torch.cat([a, b, c]))
     assert torch.equal(results[0], results[1])
+    for other in results[2:]:
+        assert torch.allclose(results[0], other, atol=1e-5, rtol=0)
 
 
 def _two_packed_steps(model, shift_inside: bool):
