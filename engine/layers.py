@@ -245,21 +245,19 @@ def channel_mix_residual(x: Tensor, xf: Tensor, prev: Tensor, w: LayerWeights) -
     return x + channel_mix(xf, prev, w)
 
 
-# ---- the same with the token shift inside (compiled, the shift becomes an indexed read in the
-# first fused kernel instead of a materialised [N, C] copy of the shifted rows) -------------------
-def token_shift(x: Tensor, carried: Tensor, shift: Tensor) -> Tensor:
-    """Every row's previous row of packed sequences that all start at their first new token.
-    carried: [B, C], each sequence's row before its first; shift: [3, N] long
-    (`token_shift.shift_index`): rows i - 1, 1 where row i is its sequence's first, its sequence."""
-    return torch.where(shift[1, :, None] != 0, carried[shift[2]], x[shift[0]])
+# ---- the same with one sequence's token shift inside (compiled, the shift becomes an offset read in
+# the first fused kernel instead of a materialised [N, C] copy of the shifted rows) ---------------
+def token_shift(x: Tensor, carried: Tensor) -> Tensor:
+    """The previous row of every row of one sequence; carried: [1, C], the row before its first."""
+    return torch.cat([carried, x[:-1]])
 
 
-def finch_tmix_projections_shifted(x: Tensor, carried: Tensor, shift: Tensor, w: LayerWeights, cfg: ModelConfig):
-    return finch_tmix_projections(x, token_shift(x, carried, shift), w, cfg)
+def finch_tmix_projections_shifted(x: Tensor, carried: Tensor, w: LayerWeights, cfg: ModelConfig):
+    return finch_tmix_projections(x, token_shift(x, carried), w, cfg)
 
 
-def channel_mix_residual_shifted(x: Tensor, xf: Tensor, carried: Tensor, shift: Tensor, w: LayerWeights) -> Tensor:
-    return x + channel_mix(xf, token_shift(xf, carried, shift), w)
+def channel_mix_residual_shifted(x: Tensor, xf: Tensor, carried: Tensor, w: LayerWeights) -> Tensor:
+    return x + channel_mix(xf, token_shift(xf, carried), w)
 
 
 def gold_query_in(x: Tensor, prev_xa: Tensor, w: LayerWeights):

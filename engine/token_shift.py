@@ -71,20 +71,3 @@ def select_with_prev(x: Tensor, win: Windows, new_starts: list[int], carried: Te
     prev = idx.get(("prev", x.shape[0]) + key, lambda: build("prev"))
     ext = torch.cat([x, carried.to(x.dtype)])
     return ext[cur], ext[prev], x[last]
-
-
-def shift_index(lens: tuple[int, ...], idx: IndexCache) -> tuple[Tensor, Tensor]:
-    """For packed sequences of `lens` rows each starting at their first new token: the [3, N] index
-    `layers.token_shift` reads (rows i - 1; 1 at each sequence's first row; each row's sequence)
-    and the [B] rows of each sequence's last token. Built once per step."""
-    def build():
-        counts = torch.tensor(lens)
-        n = int(counts.sum())
-        first = torch.zeros(n, dtype=torch.long)
-        first[torch.cumsum(counts, 0) - counts] = 1
-        seq = torch.repeat_interleave(torch.arange(len(lens)), counts)
-        return torch.stack([(torch.arange(n) - 1).clamp_min(0), first, seq])
-
-    last = idx.get(("shift_last", lens), lambda: torch.cumsum(torch.tensor(lens), 0) - 1)
-    return idx.get(("shift", lens), build), last
-

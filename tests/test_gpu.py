@@ -42,39 +42,42 @@ def test_engine_batched_on_gpu_equals_plain_cpu(case, mode):
         assert o.outputs[0].token_ids == greedy_plain(cpu_model, p, 12)
 
 
-def _packed_steps(model, steps):
+def _long_steps(model):
+    """Uneven packed prompts and a step continuing a 9K-token history (three sequences), and two
+    long steps of one sequence, over random carried states."""
     from engine.model import StepBatch
 
     gen = torch.Generator().manual_seed(3)
-    state = model.new_state(3)
-    for t in (state.rnn.wkv, state.rnn.tmix_shift, state.rnn.cmix_shift):
-        t.copy_(0.5 * torch.randn(t.shape, generator=gen))
+    states = (model.new_state(3), model.new_state(1))
+    for state in states:
+        for t in (state.rnn.wkv, state.rnn.tmix_shift, state.rnn.cmix_shift):
+            t.copy_(0.5 * torch.randn(t.shape, generator=gen))
     logits = []
-    for q in steps:
-        context = tuple(state.keys.length(i) for i in range(3))
+    for q, state in (((5000, 1, 4000), states[0]), ((1, 9000, 3), states[0]), ((9000,), states[1]),
+                     ((8200,), states[1])):
+        context = tuple(state.keys.length(i) for i in range(len(q)))
         state.keys.set_step_lens(list(q))
         tokens = torch.randint(0, model.config.vocab_size, (sum(q),), generator=gen).cuda()
         batch = StepBatch(token_ids=tokens, query_lens=q, context_lens=context,
-                          state_slots=torch.arange(3, device="cuda"))
+                          state_slots=torch.arange(len(q), device="cuda"))
         logits.append(model.step(batch, state.rnn, state.keys).cpu())
-    return logits, state
+    return logits, states
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_compiled_long_steps_equal_eager(case):
-    """Steps of >= MIN_COMPILED_TOKENS rows run the compiled layer functions (token shift read
-    inside them, histories' keys derived compiled): the eager functions' results, over carried
-    states, uneven packed prompts and a step continuing a 9K-token history."""
+    """Steps of >= MIN_COMPILED_TOKENS rows run the compiled layer functions (a single sequence's
+    token shift read inside them, histories' keys derived compiled): the eager functions' results."""
     from engine.layer_ops import MIN_COMPILED_TOKENS, LayerOps
 
-    steps = ((5000, 1, 4000), (1, 9000, 3))
-    assert all(sum(q) >= MIN_COMPILED_TOKENS for q in steps)
     model = load_model(case, torch.float32, "cuda")
     assert model.ops.compiled and model.ops.shift_inside
-    compiled, compiled_state = _packed_steps(model, steps)
+    assert 8200 >= model.ops.min_compiled_tokens == MIN_COMPILED_TOKENS
+    compiled, compiled_states = _long_steps(model)
     model.ops = LayerOps(False)
-    eager, eager_state = _packed_steps(model, steps)
+    eager, eager_states = _long_steps(model)
     for a, b in zip(compiled, eager):
         assert (a - b).abs().max() < 1e-3
-    for name in ("wkv", "tmix_shift", "cmix_shift"):
-        assert (getattr(compiled_state.rnn, name) - getattr(eager_state.rnn, name)).abs().max() < 1e-3, name
+    for c, e in zip(compiled_states, eager_states):
+        for name in ("wkv", "tmix_shift", "cmix_shift"):
+            assert (getattr(c.rnn, name) - getattr(e.rnn, name)).abs().max() < 1e-3, name

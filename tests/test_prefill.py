@@ -110,8 +110,9 @@ def test_histories_decompressed_per_layer_equal_held_ones(case, monkeypatch):
         assert torch.allclose(results[0], other, atol=1e-5, rtol=0)
 
 
-def _two_packed_steps(model, shift_inside: bool):
-    """Uneven prompts, then a step mixing a decode token and chunks, over carried random states."""
+def _steps_over_carried_states(model, shift_inside: bool):
+    """Two one-sequence steps (a prompt, then a chunk) and a packed step of three sequences, over
+    random carried states."""
     from engine.layer_ops import LayerOps
     from engine.model import StepBatch
 
@@ -120,27 +121,31 @@ def _two_packed_steps(model, shift_inside: bool):
     shifted = model.ops.finch_tmix_projections_shifted
     model.ops.finch_tmix_projections_shifted = lambda *a: calls.append(1) or shifted(*a)
     gen = torch.Generator().manual_seed(5)
-    state = model.new_state(3)
-    for t in (state.rnn.wkv, state.rnn.tmix_shift, state.rnn.cmix_shift):
-        t.copy_(0.5 * torch.randn(t.shape, generator=gen))
+    one, three = model.new_state(1), model.new_state(3)
+    for state in (one, three):
+        for t in (state.rnn.wkv, state.rnn.tmix_shift, state.rnn.cmix_shift):
+            t.copy_(0.5 * torch.randn(t.shape, generator=gen))
     logits = []
-    for q in ((5, 1, 17), (1, 4, 2)):
-        context = tuple(state.keys.length(i) for i in range(3))
+    for q, state in (((23,), one), ((5,), one), ((5, 1, 17), three)):
+        context = tuple(state.keys.length(i) for i in range(len(q)))
         state.keys.set_step_lens(list(q))
         batch = StepBatch(token_ids=torch.randint(0, model.config.vocab_size, (sum(q),), generator=gen),
-                          query_lens=q, context_lens=context, state_slots=torch.tensor([0, 1, 2]))
+                          query_lens=q, context_lens=context, state_slots=torch.arange(len(q)))
         logits.append(model.step(batch, state.rnn, state.keys))
+    state = (one, three)
     return logits, state, len(calls)
 
 
 def test_token_shift_inside_the_layer_functions_is_the_same_arithmetic(case):
-    """The compiled prefill's Finch blocks read the token shift inside the layer functions
-    (`LayerOps.shift_inside`): exactly the values of the materialised shift, states included."""
+    """The compiled prefill's Finch blocks read a single sequence's token shift inside the layer
+    functions (`LayerOps.shift_inside`): exactly the values of the materialised shift, states
+    included; a packed step of several sequences keeps the materialised shift."""
     model = load_model(case)
-    plain, plain_state, plain_calls = _two_packed_steps(model, shift_inside=False)
-    inside, inside_state, inside_calls = _two_packed_steps(model, shift_inside=True)
+    plain, plain_state, plain_calls = _steps_over_carried_states(model, shift_inside=False)
+    inside, inside_state, inside_calls = _steps_over_carried_states(model, shift_inside=True)
     assert plain_calls == 0 and inside_calls == 2 * model.config.n_finch
     for a, b in zip(plain, inside):
         assert torch.equal(a, b)
-    for name in ("wkv", "tmix_shift", "cmix_shift"):
-        assert torch.equal(getattr(plain_state.rnn, name), getattr(inside_state.rnn, name)), name
+    for a, b in zip(plain_state, inside_state):
+        for name in ("wkv", "tmix_shift", "cmix_shift"):
+            assert torch.equal(getattr(a.rnn, name), getattr(b.rnn, name)), name
