@@ -117,8 +117,7 @@ class StepKeys:
         derived one at a time by `derive`."""
         out: dict[int, tuple[Tensor, Tensor] | None] = {}
         if self.with_set:
-            keys_values_rows = self._for_rows(self.proto.shape[0]).gold_keys_values_rows
-            keys, values = keys_values_rows(self.proto, self.prev_proto, self.values_in, self.prev_values, w)
+            keys, values = self._packed_keys_values(w)
             keys = self._rotate(keys, self.positions)
             self.pool.write(j, self.slots, keys[self.keep], values[self.keep])
             for n, i in enumerate(self.with_set):
@@ -131,6 +130,19 @@ class StepKeys:
                 else:
                     out[i] = self.pool.gather(j, h.working_set.pages, self.context_lens[i] + self.query_lens[i])
         return out
+
+    def _packed_keys_values(self, w: L.LayerWeights) -> tuple[Tensor, Tensor]:
+        """Keys and values of the packed rows of the sequences with sets (each given with its
+        predecessor), in pieces of at most DERIVE_PIECE_ROWS (a rebuilt 1M-token set would
+        otherwise make inductor compile a 64-bit-indexed variant inside the step)."""
+        n = self.proto.shape[0]
+        fn = self._for_rows(min(n, DERIVE_PIECE_ROWS)).gold_keys_values_rows
+        if n <= DERIVE_PIECE_ROWS:
+            return fn(self.proto, self.prev_proto, self.values_in, self.prev_values, w)
+        pieces = [fn(self.proto[a:a + DERIVE_PIECE_ROWS], self.prev_proto[a:a + DERIVE_PIECE_ROWS],
+                     self.values_in[a:a + DERIVE_PIECE_ROWS], self.prev_values[a:a + DERIVE_PIECE_ROWS], w)
+                  for a in range(0, n, DERIVE_PIECE_ROWS)]
+        return torch.cat([k for k, _ in pieces]), torch.cat([v for _, v in pieces])
 
     def derive(self, i: int, w: L.LayerWeights) -> tuple[Tensor, Tensor]:
         """Keys and values of sequence i's whole history (it has no working set) for one layer, in

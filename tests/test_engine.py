@@ -222,3 +222,30 @@ def test_kv_working_sets_change_nothing(case, pages, fast_path):
         assert engine.runner.num_fast_steps == 0
 
 
+
+
+@pytest.mark.parametrize("case", ["goldfinch_l6_d128", "goldfinch_rope_l6_d128"])
+def test_working_set_rows_derived_in_pieces_change_nothing(case, monkeypatch):
+    """Sets' rows derived in pieces (`gold_keys.DERIVE_PIECE_ROWS`, here 5 rows) give the plain
+    path's tokens through the general step."""
+    import engine.gold_keys as gold_keys
+
+    monkeypatch.setattr(gold_keys, "DERIVE_PIECE_ROWS", 5)
+    pieced = []
+    packed = gold_keys.StepKeys._packed_keys_values
+
+    def spy(self, w):
+        pieced.append(self.proto.shape[0] > 5)
+        return packed(self, w)
+
+    monkeypatch.setattr(gold_keys.StepKeys, "_packed_keys_values", spy)
+    model = load_model(case)
+    mc = model.config
+    engine = LLMEngine(model, None, EngineConfig(cache_tokens=4096, check_integrity=True, kv_working_set_page_size=8,
+                                                 kv_working_set_bytes=512 * 8 * 2 * mc.n_gold * mc.dim_att * 4,
+                                                 max_num_batched_tokens=32, decode_fast_path=False))
+    ps = prompts(3, seed=41, lo=20, hi=50)
+    outs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == greedy_plain(model, p, 6)
+    assert any(pieced)
