@@ -33,18 +33,28 @@ def compile_requested(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get(ENV_VAR, "1").strip() not in ("0", "false", "no")
 
 
+def _min_compiled_tokens() -> int:
+    raw = os.environ.get(MIN_COMPILED_ENV_VAR, "").strip()
+    if not raw:
+        return MIN_COMPILED_TOKENS
+    if not raw.isdigit():
+        raise ValueError(f"{MIN_COMPILED_ENV_VAR} must be a whole number of tokens, got {raw!r}")
+    return int(raw)
+
+
 class LayerOps:
     def __init__(self, compiled: bool, shift_inside: bool | None = None) -> None:
-        """`shift_inside` (default: when compiled): the model's Finch blocks pass the carried
-        token-shift rows to the `*_shifted` functions instead of materialising the shifted rows
-        (eager it only adds kernels; tests set it to check the arithmetic is the same)."""
+        """`shift_inside` (default: when compiled): a one-sequence step's Finch blocks pass the
+        carried token-shift rows to the `*_shifted` functions, which read the shifted rows inside
+        their first fused kernel (eager they are materialised all the same; tests set it to check
+        that the arithmetic is unchanged)."""
         self.compiled = compiled
         self.shift_inside = compiled if shift_inside is None else shift_inside
         for name in FUNCTIONS:
             fn = next(getattr(module, name) for module in MODULES if hasattr(module, name))
             setattr(self, name, torch.compile(fn, dynamic=True) if compiled else fn)
         self.eager = self if not compiled else LayerOps(False)
-        self.min_compiled_tokens = int(os.environ.get(MIN_COMPILED_ENV_VAR, MIN_COMPILED_TOKENS))
+        self.min_compiled_tokens = _min_compiled_tokens()
 
     def for_tokens(self, n: int) -> "LayerOps":
         """The functions for a step of n new tokens (a decode step inside a CUDA graph is compiled

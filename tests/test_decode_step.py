@@ -71,3 +71,14 @@ def test_layer_ops_compile_only_large_steps():
     assert compiled.for_tokens(MIN_COMPILED_TOKENS) is compiled
     assert compiled.for_tokens(MIN_COMPILED_TOKENS - 1) is compiled.eager
     assert compiled.eager.channel_mix is L.channel_mix and compiled.channel_mix is not L.channel_mix
+
+
+def test_compile_threshold_knob(monkeypatch):
+    from engine.layer_ops import MIN_COMPILED_ENV_VAR
+
+    monkeypatch.setenv(MIN_COMPILED_ENV_VAR, "4096")
+    compiled = LayerOps(True)
+    assert compiled.for_tokens(4096) is compiled and compiled.for_tokens(4095) is compiled.eager
+    monkeypatch.setenv(MIN_COMPILED_ENV_VAR, "lots")
+    with pytest.raises(ValueError, match=MIN_COMPILED_ENV_VAR):
+        LayerOps(True)
