@@ -21,3 +21,18 @@ def test_markdown_report_of_a_saved_run():
     assert "4,652 (state on the GPU)" in md
     run["prefill"] = [{"T": 4096, "tok_per_s": 64906.7, "peak_GiB": 3.1}]
     assert "| 4096 | 64.9K | 114.6K | 0.57x | 3.1 |" in render_markdown(run)
+
+
+def test_engine_prefill_benchmark_runs_a_request_through_the_engine():
+    """`bench_engine_prefill` on the CPU with a small model: a prompt of 100 tokens in chunks of at
+    most 32, the last at least the GOLD tail (5 tokens here), ends in 4 engine steps."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bench_engine_prefill import render_markdown, run
+    from conftest import load_model
+
+    model = load_model("goldfinch_l6_d128")
+    assert model.config.gold_tail_len == 5
+    result = run(model, [(32, 100)], "cpu", "test")
+    (row,) = result["rows"]
+    assert row["steps"] == 4 and row["tok_per_s"] > 0 and row["ttft_s"] > 0
+    assert "| 32 | 100 |" in render_markdown(result)
