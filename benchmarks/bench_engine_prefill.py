@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpu_timing import commit_id, write_result  # noqa: E402
+
 from engine.config_engine import EngineConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -89,7 +92,6 @@ def run(model, cases: list[tuple[int, int]], card: str, commit: str) -> dict:
 
 def main() -> None:
     import os
-    import subprocess
 
     from engine.model import GoldFinchModel
     from engine.random_model import PAPER_1B5_CONFIG, random_checkpoint
@@ -99,14 +101,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",") if c]
-    commit = os.environ.get("GOLDFINCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
-    result = run(model, cases, torch.cuda.get_device_name(), commit or "unknown")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_engine_prefill.json").write_text(json.dumps(result, indent=1))
-    (Path(args.out) / "bench_engine_prefill.md").write_text(render_markdown(result))
-    print(render_markdown(result))
+    result = run(model, cases, torch.cuda.get_device_name(), commit_id())
+    write_result(args.out, "bench_engine_prefill", result, render_markdown(result))
 
 
 if __name__ == "__main__":

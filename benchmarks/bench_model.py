@@ -12,7 +12,6 @@ import datetime
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.model import GoldFinchModel  # noqa: E402
 from engine.random_model import PAPER_1B5_CONFIG, random_checkpoint  # noqa: E402
+from gpu_timing import commit_id, write_result  # noqa: E402
 from roofline import decode_floor  # noqa: E402
 
 
@@ -290,9 +290,7 @@ def main() -> None:
     args = ap.parse_args()
     start = time.monotonic()
     deadline = start + args.budget_s
-    commit = os.environ.get("GOLDFINCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"card": torch.cuda.get_device_name(), "commit": commit or "unknown",
+    result = {"card": torch.cuda.get_device_name(), "commit": commit_id(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "roofline": card_roofline()}
     print(json.dumps(result), flush=True)
@@ -308,10 +306,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     if not args.no_llama:
         result["llama"] = bench_llama([4096, 16384, 65536, 131072], deadline)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_model.json").write_text(json.dumps(result, indent=1))
-    (Path(args.out) / "bench_model.md").write_text(render_markdown(result))
-    print(render_markdown(result))
+    write_result(args.out, "bench_model", result, render_markdown(result))
 
 
 if __name__ == "__main__":

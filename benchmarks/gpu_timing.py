@@ -1,5 +1,5 @@
 """GPU timing shared by the kernel benchmarks: CUDA-event medians, CUDA-graph replay (the GPU time
-of a call without launch gaps), and the card's copy bandwidth."""
+of a call without launch gaps), and the card's copy bandwidth; the commit and result files of a run."""
 from __future__ import annotations
 
 import statistics
@@ -55,3 +55,25 @@ def card_info() -> dict:
 
     return {"card": torch.cuda.get_device_name(0), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
             "torch": torch.__version__, "triton": triton.__version__}
+
+
+def commit_id() -> str:
+    """The commit a run measured: $GOLDFINCH_COMMIT (the device's checkout may not be a git clone of
+    it), else the working tree's HEAD."""
+    import os
+    import subprocess
+
+    return os.environ.get("GOLDFINCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+
+
+def write_result(out: str, name: str, result: dict, markdown: str) -> None:
+    """`name`.json and `name`.md in the folder `out`; prints the markdown."""
+    import json
+    from pathlib import Path
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (Path(out) / f"{name}.md").write_text(markdown)
+    print(markdown)
+
