@@ -2,13 +2,16 @@
 (scheduler, prompt chunks of the step's token budget, paged key pool, K/V working set, sampler),
 at the 1.5B shape (random weights, bf16) on the GPU.
 
-    python benchmarks/bench_engine_prefill.py [--cases 2048x4096,2048x16384,8192x16384,16384x65536] [--out DIR]
+    python benchmarks/bench_engine_prefill.py [--cases 2048x4096,2048x65536,...] [--modes graphs,eager]
+        [--cprofile N] [--out DIR]
 
 A case BUDGETxPROMPT runs a PROMPT-token request in an engine whose `max_num_batched_tokens` is
 BUDGET (the server's `--max-num-batched-tokens`, 2048 by default): the prompt is fed in chunks of
 BUDGET tokens, the last chunk at least the GOLD tail long. One request first warms the engine up
-(compiles the layer functions for the chunk sizes), a second is timed. `bench_model.py` measures
-`model.forward` instead, in one chunk up to 128K tokens.
+(compiles the layer functions for the chunk sizes), a second is timed. Each case runs with the
+prefill chunks' Finch layers replayed from CUDA graphs (`graphs`, the default) and launched from
+Python (`eager`), in the same process. `--cprofile N` prints the N functions of most host time of
+each timed request. `bench_model.py` measures `model.forward` instead, in one chunk up to 128K tokens.
 """
 from __future__ import annotations
 
@@ -34,9 +37,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_to_first_token(engine: LLMEngine, prompt: list[int]) -> tuple[float, int]:
+def time_to_first_token(engine: LLMEngine, prompt: list[int], cprofile: int = 0) -> tuple[float, int]:
     """Seconds from adding the request to its first token, and the engine steps taken."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile() if cprofile else None
     _sync(engine.model.device)
+    if profiler:
+        profiler.enable()
     t0 = time.perf_counter()
     engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     steps = 0
@@ -44,49 +53,58 @@ def time_to_first_token(engine: LLMEngine, prompt: list[int]) -> tuple[float, in
         engine.step()
         steps += 1
     _sync(engine.model.device)
-    return time.perf_counter() - t0, steps
+    seconds = time.perf_counter() - t0
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(cprofile)
+    return seconds, steps
 
 
-def bench_case(model, budget: int, prompt_len: int, seed: int = 0) -> dict:
+def bench_case(model, budget: int, prompt_len: int, graphs: bool, cprofile: int = 0, seed: int = 0) -> dict:
     mc = model.config
     kv_bytes_per_token = 2 * mc.n_gold * mc.dim_att * model.emb.element_size()
     engine = LLMEngine(model, None, EngineConfig(
         max_num_seqs=1, max_num_batched_tokens=budget, max_model_len=prompt_len + 16,
         cache_tokens=2 * (prompt_len + 64), kv_working_set_bytes=(prompt_len + 256) * kv_bytes_per_token,
-        cuda_graphs=False))
+        cuda_graphs=False, prefill_graphs=graphs))
+    prefill_graphs = engine.runner.prefill_graphs
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, mc.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(2)]
     time_to_first_token(engine, prompts[0])  # warm-up
-    seconds, steps = time_to_first_token(engine, prompts[1])
-    return {"budget": budget, "prompt": prompt_len, "ttft_s": seconds, "tok_per_s": prompt_len / seconds,
-            "steps": steps}
+    seconds, steps = time_to_first_token(engine, prompts[1], cprofile)
+    return {"budget": budget, "prompt": prompt_len, "mode": "graphs" if graphs else "eager", "ttft_s": seconds,
+            "tok_per_s": prompt_len / seconds, "steps": steps,
+            "graph_buckets": list(prefill_graphs.buckets) if prefill_graphs else [],
+            "graph_replays": prefill_graphs.num_replays if prefill_graphs else 0}
 
 
 def render_markdown(result: dict) -> str:
     lines = [f"# bench_engine_prefill: {result['card']}, commit {result['commit']}, {result['date']}", "",
-             "| step token budget | prompt | time to first token | prompt tok/s | engine steps |",
-             "| --- | --- | --- | --- | --- |"]
+             "| step token budget | prompt | prefill chunks | time to first token | prompt tok/s | engine steps |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         if "ttft_s" not in r:
-            lines.append(f"| {r['budget']} | {r['prompt']} | {r['skipped']} | | |")
+            lines.append(f"| {r['budget']} | {r['prompt']} | {r['mode']} | {r['skipped']} | | |")
             continue
-        lines.append(f"| {r['budget']} | {r['prompt']} | {r['ttft_s'] * 1e3:.1f} ms | {r['tok_per_s'] / 1e3:.1f}K | "
-                     f"{r['steps']} |")
+        lines.append(f"| {r['budget']} | {r['prompt']} | {r['mode']} | {r['ttft_s'] * 1e3:.1f} ms | "
+                     f"{r['tok_per_s'] / 1e3:.1f}K | {r['steps']} |")
     return "\n".join(lines) + "\n"
 
 
-def run(model, cases: list[tuple[int, int]], card: str, commit: str) -> dict:
+def run(model, cases: list[tuple[int, int]], card: str, commit: str, modes: tuple[str, ...] = ("graphs", "eager"),
+        cprofile: int = 0) -> dict:
     import datetime
 
     result = {"card": card, "commit": commit,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
     for budget, prompt_len in cases:
-        try:
-            row = bench_case(model, budget, prompt_len)
-        except torch.OutOfMemoryError as exc:
-            row = {"budget": budget, "prompt": prompt_len, "skipped": f"out of memory: {str(exc)[:60]}"}
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
+        for mode in modes:
+            try:
+                row = bench_case(model, budget, prompt_len, mode == "graphs", cprofile)
+            except torch.OutOfMemoryError as exc:
+                row = {"budget": budget, "prompt": prompt_len, "mode": mode, "skipped": f"out of memory: {str(exc)[:60]}"}
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
     return result
 
 
@@ -97,12 +115,17 @@ def main() -> None:
     from engine.random_model import PAPER_1B5_CONFIG, random_checkpoint
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="2048x4096,2048x16384,8192x16384,16384x16384,16384x65536")
+    ap.add_argument("--cases", default="2048x4096,2048x16384,2048x65536,4096x4096,8192x65536,65536x65536")
+    ap.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (comma-separated)")
+    ap.add_argument("--cprofile", type=int, default=0, help="print the N functions of most host time per request")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",") if c]
     model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
-    result = run(model, cases, torch.cuda.get_device_name(), commit_id())
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - {"graphs", "eager"}:
+        raise SystemExit(f"--modes: graphs and/or eager, got {args.modes!r}")
+    result = run(model, cases, torch.cuda.get_device_name(), commit_id(), modes, args.cprofile)
     write_result(args.out, "bench_engine_prefill", result, render_markdown(result))
 
 

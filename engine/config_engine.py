@@ -33,6 +33,9 @@ class EngineConfig:
     # CUDA graphs on a GPU (captured at start for batch sizes up to max_num_seqs)
     decode_fast_path: bool = True
     cuda_graphs: bool = True
+    # a step of one sequence's prompt chunk (up to max_num_batched_tokens, at most 8K tokens) replays
+    # its Finch layers from a CUDA graph per chunk-length bucket (engine.prefill_graphs), on a GPU
+    prefill_graphs: bool = True
     # launch a decode step before reading the previous one's tokens back when nothing else could be
     # scheduled (engine.overlap): the host's per-step work then runs while the GPU computes
     overlap_decode: bool = True

@@ -48,7 +48,9 @@ class LLMEngine:
                                   decode_fast_path=self.config.decode_fast_path, cuda_graphs=self.config.cuda_graphs,
                                   max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len,
                                   page_size=self.config.kv_working_set_page_size,
-                                  skip_gold_on_chunks=self.scheduler.config.min_final_chunk > 0)
+                                  skip_gold_on_chunks=self.scheduler.config.min_final_chunk > 0,
+                                  prefill_graphs=self.config.prefill_graphs,
+                                  max_chunk_tokens=self.config.max_num_batched_tokens)
         self.runner.capture_graphs()
         self.sampler = Sampler(compile_noise=model.ops.compiled)  # fused noise hash on CUDA
         self.requests: dict[str, Request] = {}

@@ -91,10 +91,10 @@ class StepKeys:
             row += n
         device = self.proto.device
         self.prev_proto, self.prev_values = L.shift_one(self.proto), L.shift_one(self.values_in)
-        if zero_prev:
+        if zero_prev:  # index_fill_, not `[zp] = 0`: that copies the 0 from pageable memory, a sync
             zp = to_device(zero_prev, torch.long, device)
-            self.prev_proto[zp] = 0
-            self.prev_values[zp] = 0
+            self.prev_proto.index_fill_(0, zp, 0)
+            self.prev_values.index_fill_(0, zp, 0)
         self.keep = to_device(keep, torch.long, device)
         self.slots = torch.cat(slots)
         self.positions = to_device(positions, torch.long, device)

@@ -120,17 +120,32 @@ class GoldFinchModel:
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, batch: StepBatch, rnn: RNNStatePool, keys: KeyCacheView) -> Tensor:
+    def step(self, batch: StepBatch, rnn: RNNStatePool, keys: KeyCacheView, finch_out: Tensor | None = None) -> Tensor:
         """Runs the batch, updates the RNN states in their slots and appends the compressed keys.
-        Returns logits [B, V] (each sequence's last new position) or [N, V] with `all_logits`."""
-        cfg = self.config
+        Returns logits [B, V] (each sequence's last new position) or [N, V] with `all_logits`.
+        `finch_out` [N, C]: the Finch layers of this batch already ran (a prefill chunk replayed from
+        a CUDA graph, `engine.prefill_graphs`, which updated their RNN states): the rest runs here."""
         self._idx = _IndexCache(self.device)
         self._ops = self.ops.for_tokens(batch.token_ids.shape[0])
-        x = self.embed(batch.token_ids)
-        win = _Windows(starts=[0] * len(batch.query_lens), lens=list(batch.query_lens))
-        for layer in range(cfg.n_finch):
-            x = self._finch_block(layer, x, win, batch, rnn)
+        x = self._finch_layers(batch, rnn) if finch_out is None else finch_out
         keys.write(F.linear(x, self.w_compress), batch.token_ids)
+        return self._gold_layers(x, batch, rnn, keys)
+
+    def _finch_layers(self, batch: StepBatch, rnn: RNNStatePool) -> Tensor:
+        x = self.embed(batch.token_ids)
+        if self._ops.shift_inside and len(batch.query_lens) == 1:
+            cu = [0, batch.query_lens[0]]
+            for layer in range(self.config.n_finch):
+                x = self.finch_block_one_sequence(layer, x, batch.state_slots, rnn, self._ops, cu)
+            return x
+        win = _Windows(starts=[0] * len(batch.query_lens), lens=list(batch.query_lens))
+        for layer in range(self.config.n_finch):
+            x = self._finch_block(layer, x, win, batch, rnn)
+        return x
+
+    def _gold_layers(self, x: Tensor, batch: StepBatch, rnn: RNNStatePool, keys: KeyCacheView) -> Tensor:
+        cfg = self.config
+        win = _Windows(starts=[0] * len(batch.query_lens), lens=list(batch.query_lens))
         keep = None if batch.needs_logits is None else [i for i, n in enumerate(batch.needs_logits) if n]
         full = batch
         if keep is not None and len(keep) < len(batch.query_lens):
@@ -167,8 +182,6 @@ class GoldFinchModel:
         return x[rows], sub, SequenceSubset(keys, keep)
 
     def _finch_block(self, layer: int, x: Tensor, win: _Windows, batch: StepBatch, rnn: RNNStatePool) -> Tensor:
-        if self._ops.shift_inside and len(batch.query_lens) == 1:
-            return self._finch_block_shifted(layer, x, batch, rnn)
         cfg, w, slots = self.config, self.blocks[layer], batch.state_slots
         xa = L.layer_norm(x, w, "ln1")
         cur, prev, last = _select_with_prev(xa, win, win.starts, rnn.tmix_shift[layer, slots], self._idx)
@@ -181,21 +194,27 @@ class GoldFinchModel:
         rnn.cmix_shift[layer, slots] = last
         return self._ops.channel_mix_residual(x, cur, prev, w)  # cur: every row of x (Finch windows start at 0)
 
-    def _finch_block_shifted(self, layer: int, x: Tensor, batch: StepBatch, rnn: RNNStatePool) -> Tensor:
-        """`_finch_block` of one sequence with each token shift read inside the compiled function
-        that consumes it: the same values without two [N, C] copies per layer. (Several sequences
-        would need a gather per element to place each carried row: on an H100 at 64K those mix kernels
-        took 23.9 ms, the copying version's 12.9 ms plus the copies, ~6 ms.)"""
-        cfg, w, slot = self.config, self.blocks[layer], batch.state_slots
+    def finch_block_one_sequence(self, layer: int, x: Tensor, slot: Tensor, rnn: RNNStatePool, ops: LayerOps,
+                                 wkv_cu, last_row: Tensor | None = None) -> Tensor:
+        """`_finch_block` of one sequence (state `slot`, [1]) with each token shift read inside the
+        compiled function that consumes it: the same values without two [N, C] copies per layer.
+        (Several sequences would need a gather per element to place each carried row: on an H100 at
+        64K those mix kernels took 23.9 ms, the copying version's 12.9 ms plus the copies, ~6 ms.)
+        `wkv_cu`: [0, N], or a `ChunkPlan` whose length may be below N, with `last_row` [1] the
+        index of the sequence's last row (rows after it are padding: `engine.prefill_graphs`)."""
+        cfg, w = self.config, self.blocks[layer]
+        last = (lambda t: t[-1:]) if last_row is None else (lambda t: t.index_select(0, last_row))  # noqa: E731
         xa = L.layer_norm(x, w, "ln1")
         carried = rnn.tmix_shift[layer, slot].to(xa.dtype)  # a copy: the state is overwritten next
-        rnn.tmix_shift[layer, slot] = xa[-1:]
-        r, k, v, log_decay, u, extra = self._ops.finch_tmix_projections_shifted(xa, carried, w, cfg)
-        y = self._wkv(layer, r, k, v, log_decay, u, batch, rnn)
-        x, xf = self._ops.finch_tmix_out(x, y, extra, w, cfg)
+        rnn.tmix_shift[layer, slot] = last(xa)
+        r, k, v, log_decay, u, extra = ops.finch_tmix_projections_shifted(xa, carried, w, cfg)
+        H, N = cfg.n_head, cfg.head_size
+        heads = lambda t: t.view(t.shape[0], H, N)  # noqa: E731
+        y = wkv_prefill(heads(r), heads(k), heads(v), heads(log_decay), u, wkv_cu, rnn.wkv[layer], slot).view(r.shape)
+        x, xf = ops.finch_tmix_out(x, y, extra, w, cfg)
         carried = rnn.cmix_shift[layer, slot].to(xf.dtype)
-        rnn.cmix_shift[layer, slot] = xf[-1:]
-        return self._ops.channel_mix_residual_shifted(x, xf, carried, w)
+        rnn.cmix_shift[layer, slot] = last(xf)
+        return ops.channel_mix_residual_shifted(x, xf, carried, w)
 
     def _wkv(self, layer: int, r: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, u: Tensor,
              batch: StepBatch, rnn: RNNStatePool) -> Tensor:

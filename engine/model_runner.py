@@ -18,15 +18,19 @@ from .decode_step import DecodeStep
 from .host_copy import to_device
 from .kv_working_set import WorkingSet, WorkingSetManager
 from .model import GoldFinchModel, StepBatch
+from .prefill_graphs import PrefillGraphs, bucket_sizes
 from .scheduler import SchedulerOutput
 
 
 class ModelRunner:
     def __init__(self, model: GoldFinchModel, cache: CacheManager, working_set_bytes: int = 0,
                  decode_fast_path: bool = True, cuda_graphs: bool = True, max_num_seqs: int = 64,
-                 max_model_len: int = 4096, page_size: int = 64, skip_gold_on_chunks: bool = False) -> None:
+                 max_model_len: int = 4096, page_size: int = 64, skip_gold_on_chunks: bool = False,
+                 prefill_graphs: bool = False, max_chunk_tokens: int = 2048) -> None:
         """`skip_gold_on_chunks`: the scheduler ends every chunked prompt with a chunk of at least
-        the model's `gold_tail_len` tokens, so a chunk before it skips the GOLD layers."""
+        the model's `gold_tail_len` tokens, so a chunk before it skips the GOLD layers.
+        `prefill_graphs`: a step of one sequence's chunk of up to `max_chunk_tokens` (at most
+        `prefill_graphs.MAX_BUCKET_TOKENS`) replays its Finch layers from a CUDA graph (GPU only)."""
         self.model = model
         self.skip_gold_on_chunks = skip_gold_on_chunks
         self.cache = cache
@@ -49,15 +53,21 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(self.decode_step, max_num_seqs,
                                            -(-max_model_len // pool.page_size), self.scratch)
 
+        self.prefill_graphs = None
+        if prefill_graphs and use_triton(model.emb):
+            self.prefill_graphs = PrefillGraphs(model, cache.rnn, bucket_sizes(max_chunk_tokens),
+                                                cache.scratch_state_slot)
+
     def capture_graphs(self) -> float:
-        """Captures the decode graphs (seconds taken; 0 without graphs)."""
-        return self.graphs.capture() if self.graphs is not None else 0.0
+        """Captures the decode and prefill graphs (seconds taken; 0 without graphs)."""
+        seconds = self.graphs.capture() if self.graphs is not None else 0.0
+        return seconds + (self.prefill_graphs.capture() if self.prefill_graphs is not None else 0.0)
 
     def build_batch(self, sched: SchedulerOutput) -> StepBatch:
         tokens: list[int] = []
         for s in sched.scheduled:
             seq, start = s.seq, s.context_len
-            tokens.extend(seq.token_at(i) for i in range(start, start + s.num_new_tokens))
+            tokens.extend(seq.token_range(start, start + s.num_new_tokens))
         slots = [s.seq.state_slot for s in sched.scheduled]
         # a prompt chunk before the last: no logit is sampled from it, and the last chunk is long
         # enough that the GOLD layers need nothing from this one
@@ -98,7 +108,10 @@ class ModelRunner:
             view = self.cache.step_view(seqs, ctx, q)
             if sets is not None:
                 view.working_sets, view.kv_pool = sets, self.working_sets.pool
-            logits = self.model.step(batch, self.cache.rnn, view)
+            finch_out = None
+            if self.prefill_graphs is not None and self.prefill_graphs.applies(batch.query_lens):
+                finch_out = self.prefill_graphs.run(batch.token_ids, batch.state_slots)
+            logits = self.model.step(batch, self.cache.rnn, view, finch_out=finch_out)
             if batch.needs_logits is not None:
                 for s, needed in zip(sched.scheduled, batch.needs_logits):
                     s.seq.gold_lags = not needed

@@ -91,5 +91,12 @@ class Sequence:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
 
+    def token_range(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) (a step's new tokens: slices, not a call per token)."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:n] + self.output_token_ids[max(start - n, 0):end - n]
+
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .wkv6_plan import ChunkPlan
 from .paged_attention_reference import paged_decode_attention_reference
 from .wkv6_reference import wkv6_chunked, wkv6_step
 
@@ -37,19 +38,22 @@ def wkv_decode(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state_pool
     return wkv6_step(r, k, v, w, u, state_pool, slots)
 
 
-def wkv_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, cu_seqlens: Tensor | Sequence[int],
+def wkv_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, cu_seqlens,
                 state_pool: Tensor, slots: Tensor) -> Tensor:
-    """B packed sequences. r, k, w: [T, H, K]; v: [T, H, V]; u: [H, K]; cu_seqlens: [B + 1];
-    state_pool: [S, H, K, V] float32, read at and written back to `slots` ([B], distinct).
-    Returns y [T, H, V] in r's dtype."""
+    """B packed sequences. r, k, w: [T, H, K]; v: [T, H, V]; u: [H, K]; cu_seqlens: [B + 1] (a
+    tensor or ints), or a `kernels.wkv6_plan.ChunkPlan` (one sequence whose length is on the
+    device; rows past it are zero in y); state_pool: [S, H, K, V] float32, read at and written back
+    to `slots` ([B], distinct). Returns y [T, H, V] in r's dtype."""
     if use_triton(r):
         from .wkv6_prefill import wkv6_prefill
 
         return wkv6_prefill(r, k, v, w, u, cu_seqlens, state_pool, slots)
+    if isinstance(cu_seqlens, ChunkPlan):
+        cu_seqlens = cu_seqlens.cu_seqlens  # the reference reads it back (not for CUDA graphs)
     cu = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)]
     if len(cu) != slots.shape[0] + 1:
         raise ValueError(f"cu_seqlens has {len(cu)} entries for {slots.shape[0]} slots")
-    y = torch.empty(v.shape, dtype=r.dtype, device=r.device)
+    y = torch.zeros(v.shape, dtype=r.dtype, device=r.device)
     for b, (start, end) in enumerate(zip(cu, cu[1:])):
         if end == start:
             continue

@@ -37,8 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .wkv6_checks import check_wkv_inputs
+from .wkv6_plan import BT, ChunkPlan
 
-BT = 64  # chunk: the state is materialised once per chunk
 BC = 16  # sub-chunk: the blocks of the intra-chunk attention
 BD = 16  # key channels per step of a diagonal block's pairwise decays
 
@@ -270,15 +270,20 @@ def _chunk_tables(lens: list[int], device: torch.device) -> tuple[Tensor, Tensor
 
 def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens: list[int],
                      cu_seqlens: Tensor, state_pool: Tensor, slots: Tensor,
-                     tuning: PrefillTuning = PrefillTuning()) -> Tensor:
-    """The launcher: inputs already checked; every last dim contiguous."""
+                     tuning: PrefillTuning = PrefillTuning(), plan: ChunkPlan | None = None) -> Tensor:
+    """The launcher: inputs already checked; every last dim contiguous. With `plan`, its tables
+    (`lens` then gives only the number of sequences)."""
     T, H, K = r.shape
     V = v.shape[-1]
     B = len(lens)
-    y = torch.empty((T, H, V), dtype=r.dtype, device=r.device)
-    if B == 0:
-        return y
-    chunk_offsets, chunk_indices, NT = _chunk_tables(lens, r.device)
+    if plan is None:
+        y = torch.empty((T, H, V), dtype=r.dtype, device=r.device)
+        if B == 0:
+            return y
+        chunk_offsets, chunk_indices, NT = _chunk_tables(lens, r.device)
+    else:  # rows past the plan's length are written by no kernel
+        y = torch.zeros((T, H, V), dtype=r.dtype, device=r.device)
+        chunk_offsets, chunk_indices, NT = plan.chunk_offsets, plan.chunk_indices, plan.num_chunks
     precision = tuning.precision or _precision(r.dtype)
     BK, BVf = triton.next_power_of_2(K), triton.next_power_of_2(V)
     BV = min(BVf, 64)
@@ -309,7 +314,7 @@ def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens
 
 
 def wkv6_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
-                 cu_seqlens: Tensor | Sequence[int], state_pool: Tensor, slots: Tensor,
+                 cu_seqlens: Tensor | Sequence[int] | ChunkPlan, state_pool: Tensor, slots: Tensor,
                  tuning: PrefillTuning = PrefillTuning()) -> Tensor:
     """WKV6 over B packed sequences, their states read from and written back to a slot pool.
 
@@ -318,11 +323,19 @@ def wkv6_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
     cu_seqlens[B] = T; state_pool: [S, H, K, V] float32, contiguous in [K, V]; slots: [B] integer,
     distinct. Sequence b is tokens cu_seqlens[b]:cu_seqlens[b+1], starting from state
     `state_pool[slots[b]]`, which receives its final state. Returns y [T, H, V] in r's dtype.
-    (A tensor cu_seqlens on the GPU is read back to the host once, to size the chunk tables.)"""
+    (A tensor cu_seqlens on the GPU is read back to the host once, to size the chunk tables.)
+    cu_seqlens may instead be a `ChunkPlan` (one sequence, T = plan.rows, slots [1]): nothing is
+    read back or copied from the host, as a CUDA graph needs."""
     T, H, K, V = check_wkv_inputs(r, k, v, w, u, state_pool, "T")
-    cu = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)]
-    if not cu or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, not decrease and end at T = {T}; got {cu[:8]}...")
+    plan = cu_seqlens if isinstance(cu_seqlens, ChunkPlan) else None
+    if plan is not None:
+        if plan.rows != T or slots.shape != (1,):
+            raise ValueError(f"plan: for {plan.rows} rows and one slot, got T = {T} and slots {tuple(slots.shape)}")
+        cu, cu_t = [0, T], plan.cu_seqlens
+    else:
+        cu = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)]
+        if not cu or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, not decrease and end at T = {T}; got {cu[:8]}...")
     B = len(cu) - 1
     if slots.shape != (B,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be an integer tensor [B] = [{B}], got {slots.dtype} {tuple(slots.shape)}")
@@ -330,6 +343,7 @@ def wkv6_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"all tensors must be on one device; got {[str(t.device) for t in tensors]}")
     r, k, v, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (r, k, v, w))
-    cu_t = _to_device(torch.tensor(cu, dtype=torch.int32), r.device)
+    if plan is None:
+        cu_t = _to_device(torch.tensor(cu, dtype=torch.int32), r.device)
     lens = [b - a for a, b in zip(cu, cu[1:])]
-    return wkv6_prefill_fwd(r, k, v, w, u.contiguous(), lens, cu_t, state_pool, slots, tuning)
+    return wkv6_prefill_fwd(r, k, v, w, u.contiguous(), lens, cu_t, state_pool, slots, tuning, plan)

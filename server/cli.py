@@ -52,7 +52,7 @@ FLAGS = [
     ("protect_health", "require the API key for /health"),
     ("protect_metrics", "require the API key for /metrics"),
     ("save_sessions_on_shutdown", "save every session to --session-dir on a graceful shutdown"),
-    ("no_cuda_graphs", "launch decode steps from Python instead of replaying CUDA graphs (debugging)"),
+    ("no_cuda_graphs", "launch decode steps and prompt chunks from Python instead of replaying CUDA graphs (debugging)"),
     ("no_overlap_decode", "read every decode step's tokens back before launching the next (debugging)"),
 ]
 

@@ -79,6 +79,7 @@ def build_engine(state: ServerState, args: argparse.Namespace, model_path: Path 
                           cache_tokens=args.cache_tokens, gpu_memory_fraction=args.gpu_memory_fraction,
                           session_host_bytes=args.session_host_bytes,
                           kv_working_set_bytes=args.kv_working_set_bytes, cuda_graphs=not args.no_cuda_graphs,
+                          prefill_graphs=not args.no_cuda_graphs,
                           overlap_decode=not args.no_overlap_decode)
     engine = LLMEngine(model, tokenizer, config)
     folder = Path(model_path) if model_path and Path(model_path).is_dir() else None

@@ -32,7 +32,8 @@ def test_engine_prefill_benchmark_runs_a_request_through_the_engine():
 
     model = load_model("goldfinch_l6_d128")
     assert model.config.gold_tail_len == 5
-    result = run(model, [(32, 100)], "cpu", "test")
+    result = run(model, [(32, 100)], "cpu", "test", modes=("eager",))
     (row,) = result["rows"]
     assert row["steps"] == 4 and row["tok_per_s"] > 0 and row["ttft_s"] > 0
-    assert "| 32 | 100 |" in render_markdown(result)
+    assert row["mode"] == "eager" and row["graph_replays"] == 0  # prefill graphs: GPU only
+    assert "| 32 | 100 | eager |" in render_markdown(result)

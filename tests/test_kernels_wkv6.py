@@ -152,6 +152,55 @@ def test_prefill_then_decode_continues_the_sequences():
         assert _rel(pool[slots[b]], s_ref) < TOL_STATE[torch.float32]
 
 
+# ---- prefill through a ChunkPlan: the length on the device, rows after it padding ---------------
+def _check_plan(rows, lengths, H, K, dtype, seed, graph=False):
+    """One plan reused for several lengths (as the prefill graphs do), each a fresh sequence from
+    slot 3: y up to the length is the recurrence's and zero after, the state is the recurrence's
+    at the length, other slots untouched. With `graph`, the launches are captured once and replayed."""
+    from kernels.wkv6_plan import ChunkPlan
+
+    r, k, v, w, u, pool = _inputs(rows, H, K, K, dtype, seed, decay="mixed")
+    plan = ChunkPlan.one_sequence(rows, DEVICE)
+    slots = torch.tensor([3], device=DEVICE)
+    pool0 = pool.clone()
+    if graph:
+        plan.set_length(rows)
+        for _ in range(2):  # compiles, outside the capture
+            wkv6_prefill(r, k, v, w, u, plan, pool, slots)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y_static = wkv6_prefill(r, k, v, w, u, plan, pool, slots)
+    for n in lengths:
+        pool.copy_(pool0)
+        plan.set_length(n)
+        if graph:
+            g.replay()
+            y = y_static.clone()
+        else:
+            y = wkv6_prefill(r, k, v, w, u, plan, pool, slots)
+        y_ref, s_ref = _sequential64(r[:n], k[:n], v[:n], w[:n], u, pool0[3])
+        assert _rel(y[:n], y_ref) < TOL_Y[dtype], f"y at length {n}"
+        assert torch.count_nonzero(y[n:]) == 0, f"padded rows after length {n}"
+        assert _rel(pool[3], s_ref) < TOL_STATE[dtype], f"state at length {n}"
+        others = [s for s in range(pool.shape[0]) if s != 3]
+        assert torch.equal(pool[others], pool0[others])
+
+
+@pytest.mark.parametrize("rows,lengths", [(64, [64, 1, 17]), (130, [130, 128, 64, 65, 3])], ids=str)
+def test_prefill_plan_with_the_length_on_the_device(rows, lengths):
+    _check_plan(rows, lengths, 2, 16, torch.float32, seed=rows)
+
+
+def test_prefill_plan_checks_its_shapes():
+    from kernels.wkv6_plan import ChunkPlan
+
+    r, k, v, w, u, pool = _inputs(64, 2, 16, 16, torch.float32, 0)
+    with pytest.raises(ValueError, match="plan: for 128 rows"):
+        wkv6_prefill(r, k, v, w, u, ChunkPlan.one_sequence(128, DEVICE), pool, torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="length: must be in"):
+        ChunkPlan.one_sequence(64, DEVICE).set_length(65)
+
+
 # ---- decode: one token per sequence, states in place --------------------------------------------
 DECODE_CASES = [
     # slots, dtype, decay, u_zero, K
@@ -261,6 +310,13 @@ def test_gpu_prefill_tunings_real_shape(dtype, tuning):
     inputs and three for float32)."""
     _check_prefill([1, 17, 64, 300, 1000, 2], [9, 3, 0, 12, 5, 7], 32, 64, 64, dtype, seed=7, decay="strong",
                    tuning=_prefill_mod.PrefillTuning(**tuning))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_prefill_plan_replayed_from_a_graph(dtype):
+    """Captured once at 2,048 rows, replayed at other lengths set on the device."""
+    _check_plan(2048, [2048, 1, 700, 1024, 1025, 2047], 32, 64, dtype, seed=9, graph=True)
 
 
 @pytest.mark.gpu
