@@ -3,14 +3,17 @@
 at the 1.5B shape (random weights, bf16) on the GPU.
 
     python benchmarks/bench_engine_prefill.py [--cases 2048x4096,2048x65536,...] [--modes graphs,eager]
-        [--cprofile N] [--out DIR]
+        [--decoding N] [--cprofile N] [--out DIR]
 
 A case BUDGETxPROMPT runs a PROMPT-token request in an engine whose `max_num_batched_tokens` is
 BUDGET (the server's `--max-num-batched-tokens`, 2048 by default): the prompt is fed in chunks of
 BUDGET tokens, the last chunk at least the GOLD tail long. One request first warms the engine up
 (compiles the layer functions for the chunk sizes), a second is timed. Each case runs with the
 prefill chunks' Finch layers replayed from CUDA graphs (`graphs`, the default) and launched from
-Python (`eager`), in the same process. `--cprofile N` prints the N functions of most host time of
+Python (`eager`), in the same process. With `--decoding N`, N other requests (256-token prompts)
+are decoding when the timed prompt arrives, as on a loaded server: each step then feeds the prompt a
+chunk beside N decodes, and the table adds the decode tokens the N produced meanwhile, per second.
+`--cprofile N` prints the N functions of most host time of
 each timed request. `bench_model.py` measures `model.forward` instead, in one chunk up to 128K tokens.
 """
 from __future__ import annotations
@@ -37,8 +40,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_to_first_token(engine: LLMEngine, prompt: list[int], cprofile: int = 0) -> tuple[float, int]:
-    """Seconds from adding the request to its first token, and the engine steps taken."""
+def time_to_first_token(engine: LLMEngine, prompt: list[int], cprofile: int = 0) -> tuple[float, int, int]:
+    """Seconds from adding the request to its first token, the engine steps taken, and the tokens
+    other requests gained meanwhile."""
     import cProfile
     import pstats
 
@@ -47,52 +51,69 @@ def time_to_first_token(engine: LLMEngine, prompt: list[int], cprofile: int = 0)
     if profiler:
         profiler.enable()
     t0 = time.perf_counter()
-    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    steps = 0
-    while engine.has_unfinished():
-        engine.step()
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    steps = others = 0
+    while rid in engine.requests:
+        for update in engine.step():
+            if update.request_id != rid:
+                others += sum(len(d.token_ids) for d in update.deltas)
         steps += 1
     _sync(engine.model.device)
     seconds = time.perf_counter() - t0
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(cprofile)
-    return seconds, steps
+    return seconds, steps, others
 
 
-def bench_case(model, budget: int, prompt_len: int, graphs: bool, cprofile: int = 0, seed: int = 0) -> dict:
+BACKGROUND_PROMPT, BACKGROUND_TOKENS = 256, 4096
+
+
+def bench_case(model, budget: int, prompt_len: int, graphs: bool, cprofile: int = 0, decoding: int = 0,
+               seed: int = 0) -> dict:
     mc = model.config
     kv_bytes_per_token = 2 * mc.n_gold * mc.dim_att * model.emb.element_size()
+    background_len = BACKGROUND_PROMPT + BACKGROUND_TOKENS
     engine = LLMEngine(model, None, EngineConfig(
-        max_num_seqs=1, max_num_batched_tokens=budget, max_model_len=prompt_len + 16,
-        cache_tokens=2 * (prompt_len + 64), kv_working_set_bytes=(prompt_len + 256) * kv_bytes_per_token,
-        cuda_graphs=False, prefill_graphs=graphs))
+        max_num_seqs=decoding + 1, max_num_batched_tokens=budget, max_model_len=max(prompt_len + 16, background_len),
+        cache_tokens=2 * (prompt_len + 64) + decoding * background_len,
+        kv_working_set_bytes=(prompt_len + 256 + decoding * background_len) * kv_bytes_per_token,
+        cuda_graphs=decoding > 0, prefill_graphs=graphs))
     prefill_graphs = engine.runner.prefill_graphs
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, mc.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(2)]
+    for _ in range(decoding):
+        engine.add_request(torch.randint(0, mc.vocab_size, (BACKGROUND_PROMPT,), generator=gen).tolist(),
+                           SamplingParams(temperature=0, max_tokens=BACKGROUND_TOKENS, ignore_eos=True))
+    while any(s.is_prefilling for r in engine.requests.values() for s in r.seqs):
+        engine.step()
     time_to_first_token(engine, prompts[0])  # warm-up
-    seconds, steps = time_to_first_token(engine, prompts[1], cprofile)
-    return {"budget": budget, "prompt": prompt_len, "mode": "graphs" if graphs else "eager", "ttft_s": seconds,
-            "tok_per_s": prompt_len / seconds, "steps": steps,
+    seconds, steps, others = time_to_first_token(engine, prompts[1], cprofile)
+    return {"budget": budget, "prompt": prompt_len, "mode": "graphs" if graphs else "eager", "decoding": decoding,
+            "ttft_s": seconds, "tok_per_s": prompt_len / seconds, "steps": steps,
+            "decode_tok_per_s": others / seconds,
             "graph_buckets": list(prefill_graphs.buckets) if prefill_graphs else [],
-            "graph_replays": prefill_graphs.num_replays if prefill_graphs else 0}
+            "graph_replays": prefill_graphs.num_replays if prefill_graphs else 0,
+            "split_steps": engine.runner.num_split_steps}
 
 
 def render_markdown(result: dict) -> str:
     lines = [f"# bench_engine_prefill: {result['card']}, commit {result['commit']}, {result['date']}", "",
-             "| step token budget | prompt | prefill chunks | time to first token | prompt tok/s | engine steps |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| step token budget | prompt | prefill chunks | requests decoding | time to first token | prompt tok/s "
+             "| engine steps | their decode tok/s meanwhile |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
+        head = f"| {r['budget']} | {r['prompt']} | {r['mode']} | {r['decoding']} |"
         if "ttft_s" not in r:
-            lines.append(f"| {r['budget']} | {r['prompt']} | {r['mode']} | {r['skipped']} | | |")
+            lines.append(f"{head} {r['skipped']} | | | |")
             continue
-        lines.append(f"| {r['budget']} | {r['prompt']} | {r['mode']} | {r['ttft_s'] * 1e3:.1f} ms | "
-                     f"{r['tok_per_s'] / 1e3:.1f}K | {r['steps']} |")
+        lines.append(f"{head} {r['ttft_s'] * 1e3:.1f} ms | {r['tok_per_s'] / 1e3:.1f}K | {r['steps']} | "
+                     f"{r['decode_tok_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def run(model, cases: list[tuple[int, int]], card: str, commit: str, modes: tuple[str, ...] = ("graphs", "eager"),
-        cprofile: int = 0) -> dict:
+        cprofile: int = 0, decoding: int = 0) -> dict:
     import datetime
 
     result = {"card": card, "commit": commit,
@@ -100,9 +121,10 @@ def run(model, cases: list[tuple[int, int]], card: str, commit: str, modes: tupl
     for budget, prompt_len in cases:
         for mode in modes:
             try:
-                row = bench_case(model, budget, prompt_len, mode == "graphs", cprofile)
+                row = bench_case(model, budget, prompt_len, mode == "graphs", cprofile, decoding)
             except torch.OutOfMemoryError as exc:
-                row = {"budget": budget, "prompt": prompt_len, "mode": mode, "skipped": f"out of memory: {str(exc)[:60]}"}
+                row = {"budget": budget, "prompt": prompt_len, "mode": mode, "decoding": decoding,
+                       "skipped": f"out of memory: {str(exc)[:60]}"}
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
     return result
@@ -117,6 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="2048x4096,2048x16384,2048x65536,4096x4096,8192x65536,65536x65536")
     ap.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (comma-separated)")
+    ap.add_argument("--decoding", type=int, default=0, help="requests decoding while the prompt arrives")
     ap.add_argument("--cprofile", type=int, default=0, help="print the N functions of most host time per request")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -125,7 +148,7 @@ def main() -> None:
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - {"graphs", "eager"}:
         raise SystemExit(f"--modes: graphs and/or eager, got {args.modes!r}")
-    result = run(model, cases, torch.cuda.get_device_name(), commit_id(), modes, args.cprofile)
+    result = run(model, cases, torch.cuda.get_device_name(), commit_id(), modes, args.cprofile, args.decoding)
     write_result(args.out, "bench_engine_prefill", result, render_markdown(result))
 
 

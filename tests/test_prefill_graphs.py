@@ -101,6 +101,52 @@ def test_engine_with_prefill_graphs_gives_the_plain_tokens(case):
     assert engine.runner.prefill_graphs.num_replays >= sum(-(-len(p) // 48) for p in prompts)
 
 
+def _mixed_engine(model, use_graphs: bool, **config):
+    from engine.config_engine import EngineConfig
+    from engine.engine import LLMEngine
+
+    engine = LLMEngine(model, None, EngineConfig(cache_tokens=8192, check_integrity=True,
+                                                 kv_working_set_bytes=64 << 20, **config))
+    if not use_graphs:  # the CPU: the padded static step, launched eagerly
+        engine.runner.prefill_graphs = PrefillGraphs(model, engine.cache.rnn, bucket_sizes(48, 16, 64),
+                                                     engine.cache.scratch_state_slot, use_graphs=False)
+    return engine
+
+
+def _mixed_prompts(n_short: int, long_lens: tuple[int, ...]):
+    gen = torch.Generator().manual_seed(8)
+    return [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (3,) * n_short + long_lens]
+
+
+def test_decodes_beside_a_chunk_run_split_with_the_plain_tokens(case):
+    """Short prompts decode while long ones are fed in chunks: such steps run the static decode
+    step for the decodes and the prefill graph for the chunk (`ModelRunner._decodes_and_chunk`),
+    with the plain path's tokens; a step of two chunks stays one general step."""
+    from engine.sampling_params import SamplingParams
+
+    model = load_model(case)
+    engine = _mixed_engine(model, False, max_num_batched_tokens=48, max_num_seqs=4)
+    prompts = _mixed_prompts(2, (100, 90))
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert engine.runner.num_split_steps >= 3
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == greedy_plain(model, p, 30)
+
+
+@pytest.mark.gpu
+def test_gpu_decodes_beside_a_chunk_equal_plain_cpu():
+    from engine.sampling_params import SamplingParams
+
+    model = load_model("goldfinch_upgrade_l6_d256", torch.float32, "cuda")
+    engine = _mixed_engine(model, True, max_num_batched_tokens=256, max_num_seqs=8)
+    prompts = _mixed_prompts(5, (700, 1000))
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert engine.runner.num_split_steps >= 3 and engine.runner.graphs is not None
+    cpu_model = load_model("goldfinch_upgrade_l6_d256")
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == greedy_plain(cpu_model, p, 12)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case_name", ["goldfinch_l6_d128", "goldfinch_upgrade_l6_d256"])
 def test_gpu_replayed_chunks_equal_the_plain_step(case_name):
