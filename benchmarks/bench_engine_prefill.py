@@ -3,7 +3,7 @@
 at the 1.5B shape (random weights, bf16) on the GPU.
 
     python benchmarks/bench_engine_prefill.py [--cases 2048x4096,2048x65536,...] [--modes graphs,eager]
-        [--decoding N] [--cprofile N] [--out DIR]
+        [--decoding N] [--together N] [--cprofile N] [--out DIR]
 
 A case BUDGETxPROMPT runs a PROMPT-token request in an engine whose `max_num_batched_tokens` is
 BUDGET (the server's `--max-num-batched-tokens`, 2048 by default): the prompt is fed in chunks of
@@ -13,7 +13,8 @@ prefill chunks' Finch layers replayed from CUDA graphs (`graphs`, the default) a
 Python (`eager`), in the same process. With `--decoding N`, N other requests (256-token prompts)
 are decoding when the timed prompt arrives, as on a loaded server: each step then feeds the prompt a
 chunk beside N decodes, and the table adds the decode tokens the N produced meanwhile, per second.
-`--cprofile N` prints the N functions of most host time of
+With `--together N`, N prompts arrive at once (a burst of requests): the time is until the last has
+its first token, the rate N x PROMPT over it. `--cprofile N` prints the N functions of most host time of
 each timed request. `bench_model.py` measures `model.forward` instead, in one chunk up to 128K tokens.
 """
 from __future__ import annotations
@@ -40,9 +41,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_to_first_token(engine: LLMEngine, prompt: list[int], cprofile: int = 0) -> tuple[float, int, int]:
-    """Seconds from adding the request to its first token, the engine steps taken, and the tokens
-    other requests gained meanwhile."""
+def time_to_first_token(engine: LLMEngine, prompts: list[list[int]], cprofile: int = 0) -> tuple[float, int, int]:
+    """Seconds from adding the requests to the last one's first token, the engine steps taken, and
+    the tokens other requests gained meanwhile."""
     import cProfile
     import pstats
 
@@ -51,11 +52,11 @@ def time_to_first_token(engine: LLMEngine, prompt: list[int], cprofile: int = 0)
     if profiler:
         profiler.enable()
     t0 = time.perf_counter()
-    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    rids = {engine.add_request(p, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)) for p in prompts}
     steps = others = 0
-    while rid in engine.requests:
+    while rids & engine.requests.keys():
         for update in engine.step():
-            if update.request_id != rid:
+            if update.request_id not in rids:
                 others += sum(len(d.token_ids) for d in update.deltas)
         steps += 1
     _sync(engine.model.device)
@@ -70,18 +71,20 @@ BACKGROUND_PROMPT, BACKGROUND_TOKENS = 256, 4096
 
 
 def bench_case(model, budget: int, prompt_len: int, graphs: bool, cprofile: int = 0, decoding: int = 0,
-               seed: int = 0) -> dict:
+               together: int = 1, seed: int = 0) -> dict:
     mc = model.config
     kv_bytes_per_token = 2 * mc.n_gold * mc.dim_att * model.emb.element_size()
     background_len = BACKGROUND_PROMPT + BACKGROUND_TOKENS
     engine = LLMEngine(model, None, EngineConfig(
-        max_num_seqs=decoding + 1, max_num_batched_tokens=budget, max_model_len=max(prompt_len + 16, background_len),
-        cache_tokens=2 * (prompt_len + 64) + decoding * background_len,
-        kv_working_set_bytes=(prompt_len + 256 + decoding * background_len) * kv_bytes_per_token,
+        max_num_seqs=decoding + together, max_num_batched_tokens=budget,
+        max_model_len=max(prompt_len + 16, background_len),
+        cache_tokens=2 * together * (prompt_len + 64) + decoding * background_len,
+        kv_working_set_bytes=(together * (prompt_len + 256) + decoding * background_len) * kv_bytes_per_token,
         cuda_graphs=decoding > 0, prefill_graphs=graphs))
     prefill_graphs = engine.runner.prefill_graphs
     gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, mc.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(2)]
+    prompts = [[torch.randint(0, mc.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(together)]
+               for _ in range(2)]
     for _ in range(decoding):
         engine.add_request(torch.randint(0, mc.vocab_size, (BACKGROUND_PROMPT,), generator=gen).tolist(),
                            SamplingParams(temperature=0, max_tokens=BACKGROUND_TOKENS, ignore_eos=True))
@@ -90,7 +93,7 @@ def bench_case(model, budget: int, prompt_len: int, graphs: bool, cprofile: int 
     time_to_first_token(engine, prompts[0])  # warm-up
     seconds, steps, others = time_to_first_token(engine, prompts[1], cprofile)
     return {"budget": budget, "prompt": prompt_len, "mode": "graphs" if graphs else "eager", "decoding": decoding,
-            "ttft_s": seconds, "tok_per_s": prompt_len / seconds, "steps": steps,
+            "together": together, "ttft_s": seconds, "tok_per_s": together * prompt_len / seconds, "steps": steps,
             "decode_tok_per_s": others / seconds,
             "graph_buckets": list(prefill_graphs.buckets) if prefill_graphs else [],
             "graph_replays": prefill_graphs.num_replays if prefill_graphs else 0,
@@ -99,11 +102,11 @@ def bench_case(model, budget: int, prompt_len: int, graphs: bool, cprofile: int 
 
 def render_markdown(result: dict) -> str:
     lines = [f"# bench_engine_prefill: {result['card']}, commit {result['commit']}, {result['date']}", "",
-             "| step token budget | prompt | prefill chunks | requests decoding | time to first token | prompt tok/s "
-             "| engine steps | their decode tok/s meanwhile |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| step token budget | prompt | prompts at once | prefill chunks | requests decoding | time to first token "
+             "| prompt tok/s | engine steps | their decode tok/s meanwhile |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
-        head = f"| {r['budget']} | {r['prompt']} | {r['mode']} | {r['decoding']} |"
+        head = f"| {r['budget']} | {r['prompt']} | {r.get('together', 1)} | {r['mode']} | {r['decoding']} |"
         if "ttft_s" not in r:
             lines.append(f"{head} {r['skipped']} | | | |")
             continue
@@ -113,7 +116,7 @@ def render_markdown(result: dict) -> str:
 
 
 def run(model, cases: list[tuple[int, int]], card: str, commit: str, modes: tuple[str, ...] = ("graphs", "eager"),
-        cprofile: int = 0, decoding: int = 0) -> dict:
+        cprofile: int = 0, decoding: int = 0, together: int = 1) -> dict:
     import datetime
 
     result = {"card": card, "commit": commit,
@@ -121,9 +124,9 @@ def run(model, cases: list[tuple[int, int]], card: str, commit: str, modes: tupl
     for budget, prompt_len in cases:
         for mode in modes:
             try:
-                row = bench_case(model, budget, prompt_len, mode == "graphs", cprofile, decoding)
+                row = bench_case(model, budget, prompt_len, mode == "graphs", cprofile, decoding, together)
             except torch.OutOfMemoryError as exc:
-                row = {"budget": budget, "prompt": prompt_len, "mode": mode, "decoding": decoding,
+                row = {"budget": budget, "prompt": prompt_len, "mode": mode, "decoding": decoding, "together": together,
                        "skipped": f"out of memory: {str(exc)[:60]}"}
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -140,6 +143,7 @@ def main() -> None:
     ap.add_argument("--cases", default="2048x4096,2048x16384,2048x65536,4096x4096,8192x65536,65536x65536")
     ap.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (comma-separated)")
     ap.add_argument("--decoding", type=int, default=0, help="requests decoding while the prompt arrives")
+    ap.add_argument("--together", type=int, default=1, help="prompts arriving at once")
     ap.add_argument("--cprofile", type=int, default=0, help="print the N functions of most host time per request")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -148,7 +152,8 @@ def main() -> None:
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - {"graphs", "eager"}:
         raise SystemExit(f"--modes: graphs and/or eager, got {args.modes!r}")
-    result = run(model, cases, torch.cuda.get_device_name(), commit_id(), modes, args.cprofile, args.decoding)
+    result = run(model, cases, torch.cuda.get_device_name(), commit_id(), modes, args.cprofile, args.decoding,
+                 args.together)
     write_result(args.out, "bench_engine_prefill", result, render_markdown(result))
 
 

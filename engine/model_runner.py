@@ -21,6 +21,11 @@ from .model import GoldFinchModel, StepBatch
 from .prefill_graphs import PrefillGraphs, bucket_sizes
 from .scheduler import SchedulerOutput
 
+# Prompt chunks of one step replayed from prefill graphs one after another, at most (more run the
+# eager packed step): a replay costs at least the Finch weights' read (~0.65 ms at the 1.5B shape on
+# an H100), the eager step's launches ~40 ms
+MAX_GRAPHED_SEQUENCES = 16
+
 
 class ModelRunner:
     def __init__(self, model: GoldFinchModel, cache: CacheManager, working_set_bytes: int = 0,
@@ -104,8 +109,8 @@ class ModelRunner:
             logits = self._fast_decode(sched, sets, token_ids)
         elif token_ids is not None:
             return None
-        elif (chunk := self._chunk_beside_fast_decodes(ctx, q, sets)) is not None:
-            logits = self._decodes_and_chunk(sched, sets, chunk)
+        elif (chunks := self._chunks_beside_fast_decodes(ctx, q, sets)) is not None:
+            logits = self._decodes_and_chunks(sched, sets, chunks)
         else:
             logits = self._general(sched, sets)
         for s in sched.scheduled:
@@ -119,38 +124,57 @@ class ModelRunner:
         view = self.cache.step_view([s.seq for s in sched.scheduled], list(batch.context_lens), list(batch.query_lens))
         if sets is not None:
             view.working_sets, view.kv_pool = sets, self.working_sets.pool
-        finch_out = None
-        if self.prefill_graphs is not None and self.prefill_graphs.applies(batch.query_lens):
-            finch_out = self.prefill_graphs.run(batch.token_ids, batch.state_slots)
-        logits = self.model.step(batch, self.cache.rnn, view, finch_out=finch_out)
+        logits = self.model.step(batch, self.cache.rnn, view, finch_out=self._finch_by_graphs(batch))
         if batch.needs_logits is not None:
             for s, needed in zip(sched.scheduled, batch.needs_logits):
                 s.seq.gold_lags = not needed
         return logits
 
-    def _chunk_beside_fast_decodes(self, ctx: list[int], q: list[int], sets: list[WorkingSet | None] | None) -> int | None:
-        """The index of the one prompt chunk of a step whose other sequences all qualify for the
-        static decode step, when a prefill graph takes the chunk; else None. (A loaded server's
-        usual step: its running sequences decode while a new prompt is fed in chunks.)"""
+    def _finch_by_graphs(self, batch: StepBatch) -> Tensor | None:
+        """The Finch layers' output [N, C] of the batch, each sequence's rows replayed from a prefill
+        graph one sequence after another, when graphs take them all (None: the eager layers run).
+        Each replay reads the weights once: up to `MAX_GRAPHED_SEQUENCES` replays cost less than
+        the ~1,500 launches of the eager step."""
+        graphs, lens = self.prefill_graphs, batch.query_lens
+        if graphs is None or len(lens) > MAX_GRAPHED_SEQUENCES or not graphs.applies(lens):
+            return None
+        if len(lens) == 1:
+            return graphs.run(batch.token_ids, batch.state_slots)
+        x = torch.empty(batch.token_ids.shape[0], self.model.config.n_embd, dtype=self.model.dtype, device=self.device)
+        start = 0
+        for i, n in enumerate(lens):  # each copied out before the next replay reuses its bucket
+            x[start:start + n] = graphs.run(batch.token_ids[start:start + n], batch.state_slots[i:i + 1])
+            start += n
+        return x
+
+    def _chunks_beside_fast_decodes(self, ctx: list[int], q: list[int],
+                                    sets: list[WorkingSet | None] | None) -> list[int] | None:
+        """The indices of the prompt chunks of a step whose other sequences all qualify for the
+        static decode step, when prefill graphs take the chunks; else None. (A loaded server's
+        usual step: its running sequences decode while new prompts are fed in chunks.)"""
         if self.prefill_graphs is None or self.decode_step is None or sets is None:
             return None
         chunks = [i for i, n in enumerate(q) if n > 1]
-        if len(chunks) != 1 or len(q) == 1 or q[chunks[0]] > self.prefill_graphs.max_tokens:
+        rest = [i for i, n in enumerate(q) if n == 1]
+        if (not chunks or not rest or len(chunks) > MAX_GRAPHED_SEQUENCES
+                or not self.prefill_graphs.applies(tuple(q[i] for i in chunks))):
             return None
-        k = chunks[0]
-        rest = [i for i in range(len(q)) if i != k]
         if not self._fast_decode_applies([ctx[i] for i in rest], [q[i] for i in rest], [sets[i] for i in rest]):
             return None
-        return k
+        return chunks
 
-    def _decodes_and_chunk(self, sched: SchedulerOutput, sets: list[WorkingSet | None], k: int) -> Tensor:
-        """The decodes through the static decode step and chunk k through the prefill graph and the
-        general step, one after the other (two passes over the weights, ~1,500 fewer launches)."""
-        decodes = SchedulerOutput([s for i, s in enumerate(sched.scheduled) if i != k])
-        decode_logits = self._fast_decode(decodes, [ws for i, ws in enumerate(sets) if i != k])
-        chunk_logits = self._general(SchedulerOutput([sched.scheduled[k]]), [sets[k]])
+    def _decodes_and_chunks(self, sched: SchedulerOutput, sets: list[WorkingSet | None], chunks: list[int]) -> Tensor:
+        """The decodes through the static decode step, then the chunks through the prefill graphs and
+        the general step's GOLD layers: two passes over the weights, ~1,500 fewer launches."""
+        rest = [i for i in range(len(sched.scheduled)) if i not in chunks]
+        decode_logits = self._fast_decode(SchedulerOutput([sched.scheduled[i] for i in rest]), [sets[i] for i in rest])
+        logits = torch.empty((len(sched.scheduled), decode_logits.shape[-1]), dtype=decode_logits.dtype,
+                             device=self.device)
+        logits.index_copy_(0, to_device(rest, torch.long, self.device), decode_logits)
+        chunk_logits = self._general(SchedulerOutput([sched.scheduled[i] for i in chunks]), [sets[i] for i in chunks])
+        logits.index_copy_(0, to_device(chunks, torch.long, self.device), chunk_logits)
         self.num_split_steps += 1
-        return torch.cat([decode_logits[:k], chunk_logits, decode_logits[k:]])
+        return logits
 
     def _fast_decode_applies(self, ctx: list[int], q: list[int], sets: list[WorkingSet | None] | None) -> bool:
         if self.decode_step is None or sets is None or not ctx:

@@ -72,7 +72,8 @@ class PrefillGraphs:
         return self.buckets[-1]
 
     def applies(self, query_lens: tuple[int, ...]) -> bool:
-        return len(query_lens) == 1 and query_lens[0] <= self.max_tokens
+        """Whether every sequence's chunk fits a bucket (each is replayed on its own)."""
+        return bool(query_lens) and max(query_lens) <= self.max_tokens
 
     @torch.inference_mode()
     def _finch_layers(self, rows: int) -> Tensor:

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -36,7 +38,10 @@ def test_engine_prefill_benchmark_runs_a_request_through_the_engine():
     (row,) = result["rows"]
     assert row["steps"] == 4 and row["tok_per_s"] > 0 and row["ttft_s"] > 0
     assert row["mode"] == "eager" and row["graph_replays"] == 0  # prefill graphs: GPU only
-    assert "| 32 | 100 | eager | 0 |" in render_markdown(result)
+    assert "| 32 | 100 | 1 | eager | 0 |" in render_markdown(result)
     # with two requests decoding meanwhile: each step feeds a chunk beside their decodes
     (row,) = run(model, [(32, 100)], "cpu", "test", modes=("eager",), decoding=2)["rows"]
     assert row["decoding"] == 2 and row["decode_tok_per_s"] > 0 and row["steps"] >= 4
+    # three prompts at once: 300 tokens at 32 a step
+    (row,) = run(model, [(32, 100)], "cpu", "test", modes=("eager",), together=3)["rows"]
+    assert row["together"] == 3 and row["steps"] >= 10 and row["tok_per_s"] * row["ttft_s"] == pytest.approx(300)

@@ -74,7 +74,8 @@ def test_padded_chunks_equal_the_plain_step(case):
 def test_run_rejects_a_chunk_longer_than_the_largest_bucket():
     model = load_model("goldfinch_l6_d128")
     graphs = PrefillGraphs(model, model.new_state(1).rnn, (64,), scratch_state_slot=0, use_graphs=False)
-    assert graphs.applies((64,)) and not graphs.applies((65,)) and not graphs.applies((3, 4))
+    assert graphs.applies((64,)) and graphs.applies((3, 64)) and not graphs.applies((65,))
+    assert not graphs.applies((3, 65)) and not graphs.applies(())
     with pytest.raises(ValueError, match="chunk of 65 tokens"):
         graphs.run(torch.zeros(65, dtype=torch.long), torch.zeros(1, dtype=torch.long))
 
@@ -120,8 +121,8 @@ def _mixed_prompts(n_short: int, long_lens: tuple[int, ...]):
 
 def test_decodes_beside_a_chunk_run_split_with_the_plain_tokens(case):
     """Short prompts decode while long ones are fed in chunks: such steps run the static decode
-    step for the decodes and the prefill graph for the chunk (`ModelRunner._decodes_and_chunk`),
-    with the plain path's tokens; a step of two chunks stays one general step."""
+    step for the decodes and the prefill graphs for the chunks (`ModelRunner._decodes_and_chunks`),
+    and a step of several prompts replays each one's graph; the tokens are the plain path's."""
     from engine.sampling_params import SamplingParams
 
     model = load_model(case)
@@ -131,6 +132,24 @@ def test_decodes_beside_a_chunk_run_split_with_the_plain_tokens(case):
     assert engine.runner.num_split_steps >= 3
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == greedy_plain(model, p, 30)
+
+
+@pytest.mark.parametrize("limit", [16, 2])
+def test_steps_of_several_prompts(case, limit, monkeypatch):
+    """Four prompts in one step: each sequence's Finch layers replayed from its bucket and the GOLD
+    layers packed; above `MAX_GRAPHED_SEQUENCES` the eager packed step. The plain path's tokens."""
+    from engine import model_runner
+    from engine.sampling_params import SamplingParams
+
+    monkeypatch.setattr(model_runner, "MAX_GRAPHED_SEQUENCES", limit)
+    model = load_model(case)
+    engine = _mixed_engine(model, False, max_num_batched_tokens=64, max_num_seqs=4)
+    prompts = _mixed_prompts(0, (9, 20, 14, 17))
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    replays = engine.runner.prefill_graphs.num_replays
+    assert replays >= 4 if limit == 16 else replays == 0  # its decodes take the static decode step
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == greedy_plain(model, p, 5)
 
 
 @pytest.mark.gpu
