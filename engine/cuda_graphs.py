@@ -73,6 +73,21 @@ def to_inputs(cols: Tensor, tables: Tensor) -> DecodeInputs:
                         seq_lens=cols[-1].to(torch.int32))
 
 
+def capture_one(fn, pool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """A CUDA graph of one call of `fn` (no arguments, returns a tensor) and that output, in `pool`:
+    `fn` first runs twice on a side stream, which compiles its kernels and sizes the allocator."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def run_eager(step: DecodeStep, rows: DecodeRows, scratch: Scratch, device: torch.device,
               token_ids: Tensor | None = None) -> Tensor:
     """The decode step without a graph (CPU, or graphs turned off): exact batch, tables as wide as
@@ -111,16 +126,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.sizes):
             inp = self._static(b)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles the Triton kernels, sizes the allocator
-                for _ in range(2):
-                    self.step(inp)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.step(inp)
-            self._graphs[b] = graph, out
+            self._graphs[b] = capture_one(lambda: self.step(inp), pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", list(self.sizes), seconds)

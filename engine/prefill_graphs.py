@@ -23,6 +23,7 @@ from torch import Tensor
 
 from kernels.wkv6_plan import ChunkPlan
 
+from .cuda_graphs import capture_one
 from .state import RNNStatePool
 
 log = logging.getLogger("goldfinch.engine")
@@ -102,16 +103,7 @@ class PrefillGraphs:
         for p in reversed(self.buckets):
             self.plans[p].set_length(p)
             self.last_row.fill_(p - 1)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles the kernels, sizes the allocator
-                for _ in range(2):
-                    self._finch_layers(p)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._finch_layers(p)
-            self._graphs[p] = graph, out
+            self._graphs[p] = capture_one(lambda: self._finch_layers(p), pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         log.info("captured prefill CUDA graphs for chunks of %s tokens in %.1f s", list(self.buckets), seconds)
