@@ -1,8 +1,9 @@
 """CUDA graphs of the Finch layers of one sequence's prompt chunk, one per chunk-length bucket.
 
 Why: a prompt chunk issues ~1,500 kernels from Python whatever its length, and a short one is bound
-by that. On an H100 (1.5B shape) the engine prefilled at 44-52K tok/s with its default 2,048-token
-chunks, against 158K for the same prompt in one 64K step (`bench_engine_prefill.py`). Replayed, a
+by that. On an H100 (1.5B shape) the engine prefilled at 30-52K tok/s with its default 2,048-token
+chunks, against 133K for a 64K prompt in one step (`bench_engine_prefill.py`; 158K through
+`model.forward`). Replayed, a
 chunk's Finch layers cost their GPU time; the compressed-key write and, on a prompt's last chunk,
 the GOLD layers (a few positions) still run from Python, queued behind the replay.
 
