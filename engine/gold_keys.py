@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -79,15 +80,17 @@ class StepKeys:
         hs = [self.histories[i] for i in self.with_set]
         self.proto = torch.cat([h.proto_keys for h in hs])
         self.values_in = torch.cat([h.token_values for h in hs])
+        # index arrays built in numpy and copied once each: a 64K-row history as Python lists cost
+        # milliseconds of host time, and a copy per sequence one more queued copy each
         keep, slots, positions, zero_prev, row = [], [], [], [], 0
         for h in hs:
             n = h.proto_keys.shape[0]
             first = 1 if h.start > 0 else 0
             if first == 0:
                 zero_prev.append(row)
-            keep.extend(range(row + first, row + n))
-            positions.extend(range(h.start, h.start + n))
-            slots.append(self.pool.flat_slots(h.working_set.pages, h.start + first, h.start + n))
+            keep.append(np.arange(row + first, row + n))
+            positions.append(np.arange(h.start, h.start + n))
+            slots.append(self.pool.flat_slot_array(h.working_set.pages, h.start + first, h.start + n))
             row += n
         device = self.proto.device
         self.prev_proto, self.prev_values = L.shift_one(self.proto), L.shift_one(self.values_in)
@@ -95,9 +98,9 @@ class StepKeys:
             zp = to_device(zero_prev, torch.long, device)
             self.prev_proto.index_fill_(0, zp, 0)
             self.prev_values.index_fill_(0, zp, 0)
-        self.keep = to_device(keep, torch.long, device)
-        self.slots = torch.cat(slots)
-        self.positions = to_device(positions, torch.long, device)
+        self.keep = to_device(np.concatenate(keep), torch.long, device)
+        self.slots = to_device(np.concatenate(slots), torch.long, device)
+        self.positions = to_device(np.concatenate(positions), torch.long, device)
         self.row_offsets = [0]
         for h in hs:
             self.row_offsets.append(self.row_offsets[-1] + h.proto_keys.shape[0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -59,11 +60,15 @@ class PagedKVPool:
         n, p, c = self.keys.shape[1:]
         return self.keys[j].view(n, p, n_head, c // n_head), self.values[j].view(n, p, n_head, c // n_head)
 
+    def flat_slot_array(self, pages: list[int], start: int, end: int) -> np.ndarray:
+        """Flat row index (page * page_size + offset) of positions [start, end) of a page table,
+        on the host (a step packs several sequences' into one copy)."""
+        pos = np.arange(start, end)
+        return np.asarray(pages, dtype=np.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
+
     def flat_slots(self, pages: list[int], start: int, end: int) -> Tensor:
-        """Flat row index (page * page_size + offset) of positions [start, end) of a page table."""
-        pos = torch.arange(start, end)
-        table = torch.as_tensor(pages, dtype=torch.long)
-        return to_device(table[pos // self.page_size] * self.page_size + pos % self.page_size, torch.long, self.device)
+        """`flat_slot_array` on the pool's device."""
+        return to_device(self.flat_slot_array(pages, start, end), torch.long, self.device)
 
     def write(self, j: int, slots: Tensor, keys: Tensor, values: Tensor) -> None:
         """Stores rows of layer j at flat slots."""
