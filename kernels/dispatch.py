@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .wkv6_plan import ChunkPlan
 from .paged_attention_reference import paged_decode_attention_reference
+from .wkv6_plan import ChunkPlan
 from .wkv6_reference import wkv6_chunked, wkv6_step
 
 ENV_VAR = "GOLDFINCH_KERNELS"
