@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kernels.dispatch import gold_kv_derive
+
 from . import layers as L
 from .config import ModelConfig
 from .host_copy import to_device
@@ -54,6 +56,9 @@ class StepKeys:
         self._ops = ops
         self.pool = getattr(keys_view, "kv_pool", None)
         self.context_lens, self.query_lens = context_lens, query_lens
+        # keys and values of the sequences with sets in one kernel per layer that also stores them
+        # (`kernels.gold_kv_derive`; without rotary: its keys are rotated before they are stored)
+        self._fused_derive = config.rope is None
         self._decompress = decompress
         self._hold_decompressed = sum(c + q for c, q in zip(context_lens, query_lens)) <= DECOMPRESSED_ROWS_LIMIT
         self.histories = [self._history(decompress, keys_view, i) for i in range(len(query_lens))]
@@ -82,7 +87,7 @@ class StepKeys:
         self.values_in = torch.cat([h.token_values for h in hs])
         # index arrays built in numpy and copied once each: a 64K-row history as Python lists cost
         # milliseconds of host time, and a copy per sequence one more queued copy each
-        keep, slots, positions, zero_prev, row = [], [], [], [], 0
+        keep, slots, positions, zero_prev, row_slots, row = [], [], [], [], [], 0
         for h in hs:
             n = h.proto_keys.shape[0]
             first = 1 if h.start > 0 else 0
@@ -91,6 +96,8 @@ class StepKeys:
             keep.append(np.arange(row + first, row + n))
             positions.append(np.arange(h.start, h.start + n))
             slots.append(self.pool.flat_slot_array(h.working_set.pages, h.start + first, h.start + n))
+            row_slots.append(np.full(first, -1, dtype=np.int64))  # a tail's first row: the shift only
+            row_slots.append(slots[-1])
             row += n
         device = self.proto.device
         self.prev_proto, self.prev_values = L.shift_one(self.proto), L.shift_one(self.values_in)
@@ -101,6 +108,7 @@ class StepKeys:
         self.keep = to_device(np.concatenate(keep), torch.long, device)
         self.slots = to_device(np.concatenate(slots), torch.long, device)
         self.positions = to_device(np.concatenate(positions), torch.long, device)
+        self.row_slots = to_device(np.concatenate(row_slots), torch.long, device) if self._fused_derive else None
         self.row_offsets = [0]
         for h in hs:
             self.row_offsets.append(self.row_offsets[-1] + h.proto_keys.shape[0])
@@ -120,9 +128,13 @@ class StepKeys:
         derived one at a time by `derive`."""
         out: dict[int, tuple[Tensor, Tensor] | None] = {}
         if self.with_set:
-            keys, values = self._packed_keys_values(w)
-            keys = self._rotate(keys, self.positions)
-            self.pool.write(j, self.slots, keys[self.keep], values[self.keep])
+            if self._fused_derive:
+                keys, values = gold_kv_derive(self.proto, self.prev_proto, self.values_in, self.prev_values,
+                                              L.gold_kv_derive_weights(w), self.row_slots, *self.pool.flat_layer(j))
+            else:
+                keys, values = self._packed_keys_values(w)
+                keys = self._rotate(keys, self.positions)
+                self.pool.write(j, self.slots, keys[self.keep], values[self.keep])
             for n, i in enumerate(self.with_set):
                 h = self.histories[i]
                 if n_queries[i] == 1:
@@ -173,7 +185,7 @@ class StepKeys:
         return self._decompress(compressed[lo:hi], token_ids[lo:hi])
 
     def _for_rows(self, n: int):
-        return L if self._ops is None else self._ops.for_tokens(n)
+        return L if self._ops is None else self._ops.for_derived_rows(n)
 
     def page_tables(self, seqs: list[int]) -> tuple[Tensor, Tensor]:
         """int32 page tables [n, P] and key counts [n] of sequences that attend through pages

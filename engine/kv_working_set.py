@@ -60,6 +60,11 @@ class PagedKVPool:
         n, p, c = self.keys.shape[1:]
         return self.keys[j].view(n, p, n_head, c // n_head), self.values[j].view(n, p, n_head, c // n_head)
 
+    def flat_layer(self, j: int) -> tuple[Tensor, Tensor]:
+        """Layer j's keys and values as [num_slots, C] views (flat row = page * page_size + offset)."""
+        c = self.keys.shape[-1]
+        return self.keys[j].view(-1, c), self.values[j].view(-1, c)
+
     def flat_slot_array(self, pages: list[int], start: int, end: int) -> np.ndarray:
         """Flat row index (page * page_size + offset) of positions [start, end) of a page table,
         on the host (a step packs several sequences' into one copy)."""

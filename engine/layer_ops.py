@@ -20,6 +20,12 @@ ENV_VAR = "GOLDFINCH_COMPILE"
 # tokens 59K tok/s compiled vs 72K eager; 16K: 135K vs 112K; 128K: 139K vs 117K.
 MIN_COMPILED_TOKENS = 8192
 MIN_COMPILED_ENV_VAR = "GOLDFINCH_MIN_COMPILED_TOKENS"  # a benchmark knob: the threshold above
+# Deriving a history's GOLD keys and values in PyTorch (with rotary, or without a working set;
+# otherwise `kernels.gold_kv_derive` does it) is a dozen passes over [rows, C] per layer, GPU-bound
+# from a few thousand rows and queued behind the prompt's Finch layers, so the compiled call's host
+# cost is hidden: compiled from this many rows (H100, 4,096 rows and their scattered copy to the
+# pages: 446 us a layer eager, 334 us compiled)
+MIN_COMPILED_DERIVE_ROWS = 2048
 FUNCTIONS = ("finch_tmix_projections", "finch_tmix_output", "channel_mix", "gold_query", "gold_keys_values_rows",
              "gold_keys_values",
              "finch_tmix_in", "finch_tmix_out", "channel_mix_residual", "gold_query_in", "gold_attention_out",
@@ -60,3 +66,7 @@ class LayerOps:
         """The functions for a step of n new tokens (a decode step inside a CUDA graph is compiled
         whatever its size: a replay pays no host cost)."""
         return self if n >= self.min_compiled_tokens else self.eager
+
+    def for_derived_rows(self, n: int) -> "LayerOps":
+        """The functions for deriving n rows of GOLD keys and values."""
+        return self if n >= min(self.min_compiled_tokens, MIN_COMPILED_DERIVE_ROWS) else self.eager

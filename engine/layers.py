@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.gold_kv_derive_reference import GoldKVDeriveWeights
+
 from .config import TMIX_FINCH, ModelConfig
 
 RMS_EPS = 1e-8
@@ -165,6 +167,16 @@ def gold_keys_values_rows(k: Tensor, k_prev: Tensor, xo: Tensor, xo_prev: Tensor
     k = k + torch.tanh(k @ w["att.time_key_w1"]) @ w["att.time_key_w2"]
     v = v + torch.tanh(v @ w["att.time_value_w1"]) @ w["att.time_value_w2"]
     return layer_norm(k, w, "att.ln_k"), layer_norm(v, w, "att.ln_v")
+
+
+def gold_kv_derive_weights(w: LayerWeights) -> GoldKVDeriveWeights:
+    """What `kernels.dispatch.gold_kv_derive` reads of one GOLD block (views, no copies)."""
+    return GoldKVDeriveWeights(
+        maa_v_cache=w["att.time_maa_v_cache"], maa_w1=w["att.time_maa_kv_w1"], maa_w2=w["att.time_maa_kv_w2"],
+        maa_k=w["att.time_maa_k"], maa_v=w["att.time_maa_v"], key_w1=w["att.time_key_w1"],
+        key_w2=w["att.time_key_w2"], value_w1=w["att.time_value_w1"], value_w2=w["att.time_value_w2"],
+        ln_k_weight=w["att.ln_k.weight"], ln_k_bias=w["att.ln_k.bias"], ln_v_weight=w["att.ln_v.weight"],
+        ln_v_bias=w["att.ln_v.bias"])
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Which implementation runs (WKV6, paged decode attention): the Triton kernels on CUDA tensors, the
+"""Which implementation runs (WKV6, paged decode attention, GOLD key/value derivation): the Triton kernels on CUDA tensors, the
 PyTorch reference elsewhere.
 
 Set `GOLDFINCH_KERNELS=reference` to force the reference on CUDA as well (debugging, A/B checks).
@@ -13,6 +13,7 @@ import os
 import torch
 from torch import Tensor
 
+from .gold_kv_derive_reference import GoldKVDeriveWeights, gold_kv_derive_reference
 from .paged_attention_reference import paged_decode_attention_reference
 from .wkv6_plan import ChunkPlan
 from .wkv6_reference import wkv6_chunked, wkv6_step
@@ -99,3 +100,18 @@ def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: T
             num_splits = default_num_splits(q.shape[0], q.shape[1], block_tables.shape[-1], _sm_count(q.device))
         return paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, num_splits, scale)
     return paged_decode_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, scale)
+
+
+def gold_kv_derive(proto_keys: Tensor, prev_proto_keys: Tensor, token_values: Tensor, prev_token_values: Tensor,
+                   weights: GoldKVDeriveWeights, row_slots: Tensor, key_pages: Tensor,
+                   value_pages: Tensor) -> tuple[Tensor, Tensor]:
+    """One GOLD layer's keys and values [N, C] of packed rows (each given with its predecessor's
+    inputs), also stored to flat page rows `row_slots` [N] (-1: not stored) of key_pages /
+    value_pages [S, C]. See `kernels.gold_kv_derive_reference`."""
+    if use_triton(proto_keys):
+        from .gold_kv_derive import gold_kv_derive as derive
+
+        return derive(proto_keys, prev_proto_keys, token_values, prev_token_values, weights, row_slots,
+                      key_pages, value_pages)
+    return gold_kv_derive_reference(proto_keys, prev_proto_keys, token_values, prev_token_values, weights,
+                                    row_slots, key_pages, value_pages)

@@ -224,10 +224,36 @@ def test_kv_working_sets_change_nothing(case, pages, fast_path):
 
 
 
-@pytest.mark.parametrize("case", ["goldfinch_l6_d128", "goldfinch_rope_l6_d128"])
+def test_working_set_rows_derived_by_the_fused_derivation(monkeypatch):
+    """Without rotary, sets' keys and values are derived and stored by `kernels.dispatch.gold_kv_derive`
+    (its reference on the CPU), rows of several sequences packed: the plain path's tokens."""
+    import engine.gold_keys as gold_keys
+
+    calls = []
+    fused = gold_keys.gold_kv_derive
+
+    def spy(*args):
+        calls.append((args[0].shape[0], int((args[5] >= 0).sum())))
+        return fused(*args)
+
+    monkeypatch.setattr(gold_keys, "gold_kv_derive", spy)
+    model = load_model("goldfinch_l6_d128")
+    mc = model.config
+    engine = LLMEngine(model, None, EngineConfig(cache_tokens=4096, check_integrity=True, kv_working_set_page_size=8,
+                                                 kv_working_set_bytes=512 * 8 * 2 * mc.n_gold * mc.dim_att * 4,
+                                                 max_num_batched_tokens=32, decode_fast_path=False))
+    ps = prompts(3, seed=41, lo=20, hi=50)
+    outs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == greedy_plain(model, p, 6)
+    assert calls and any(stored == rows for rows, stored in calls)  # a rebuilt set: every row stored
+    assert any(stored < rows for rows, stored in calls)  # a tail: its first row only feeds the shift
+
+
+@pytest.mark.parametrize("case", ["goldfinch_rope_l6_d128"])
 def test_working_set_rows_derived_in_pieces_change_nothing(case, monkeypatch):
     """Sets' rows derived in pieces (`gold_keys.DERIVE_PIECE_ROWS`, here 5 rows) give the plain
-    path's tokens through the general step."""
+    path's tokens through the general step (with rotary: without, the fused derivation runs)."""
     import engine.gold_keys as gold_keys
 
     monkeypatch.setattr(gold_keys, "DERIVE_PIECE_ROWS", 5)

@@ -1,0 +1,201 @@
+"""One GOLD layer's keys and values of packed rows, derived and stored to the working-set pages in
+one kernel per kind (keys, values).
+
+Same contract and arithmetic as `kernels.gold_kv_derive_reference` (see its docstring). Why a
+kernel: a prompt's last step derives every GOLD layer's keys and values over its whole history (the
+tail queries attend to all of it, and the working set keeps them for decoding). As PyTorch ops that
+is a dozen passes over [N, C] and a scattered copy per layer (H100, 4,096 rows: ~320 us a layer,
+compiled); here each kind is four passes over a block of rows that stays in L2.
+
+`gold_kv_derive_fwd_kernel`, grid (cdiv(N, BM),): a program owns BM rows and walks the C channels in
+BC-wide tiles four times, keeping only per-row vectors in registers:
+  1. h = tanh(mix_input @ maa_w1[:, half])           [BM, r]  (the mix input is recomputed per tile)
+  2. x1 = base + (prev - base) * (maa + h @ maa_w2[half]), stored to `out`; g += x1 @ lora_w1
+  3. g = tanh(g); x2 = x1 + g @ lora_w2, stored to `out`; row sums and sums of squares
+  4. layer norm of x2 with the affine weights, stored to `out` and to the pages at the row's slot
+Products take the activation dtype's inputs with float32 accumulation and are rounded to that dtype
+where the PyTorch path rounds its product outputs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .gold_kv_derive_reference import GoldKVDeriveWeights
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1): exact limits at both ends in float32 (e^2x overflows to inf: 1)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def gold_kv_derive_fwd_kernel(
+    base_ptr, prev_ptr,  # [N, C]: proto-keys (keys) or token values (values), and their predecessors
+    mix_ptr, mix_prev_ptr,  # [N, C]: token values and their predecessors (the mix LoRA's input)
+    maa_v_cache_ptr, maa_w1_ptr, stride_w1, maa_w2_ptr, maa_ptr,  # [C]; [C, r] (row stride); [r, C]; [C]
+    lora_w1_ptr, lora_w2_ptr, ln_w_ptr, ln_b_ptr,  # [C, R]; [R, C]; [C]; [C]
+    slots_ptr, out_ptr, pages_ptr,  # [N] int64 (-1: not stored); [N, C]; [S, C]
+    N, eps,
+    C: tl.constexpr, R_MIX: tl.constexpr, R: tl.constexpr, R_MIX_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    rows = i_m * BM + tl.arange(0, BM)
+    m_rows = rows < N
+    row_offs = rows.to(tl.int64)[:, None] * C
+    # LoRA ranks padded to powers of two >= 16 (tl.dot): padded weight rows/columns load as zeros
+    o_c, o_r, o_R = tl.arange(0, BC), tl.arange(0, R_MIX_PAD), tl.arange(0, R_PAD)
+    m_r, m_R = o_r < R_MIX, o_R < R
+    dtype = out_ptr.dtype.element_ty
+
+    # 1. the mix LoRA's hidden layer
+    acc_h = tl.zeros([BM, R_MIX_PAD], dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + o_c
+        xo = tl.load(mix_ptr + row_offs + cols[None, :], mask=m_rows[:, None], other=0.0).to(tl.float32)
+        xo_prev = tl.load(mix_prev_ptr + row_offs + cols[None, :], mask=m_rows[:, None], other=0.0).to(tl.float32)
+        xxx = xo + (xo_prev - xo) * tl.load(maa_v_cache_ptr + cols).to(tl.float32)[None, :]
+        w1 = tl.load(maa_w1_ptr + cols[:, None] * stride_w1 + o_r[None, :], mask=m_r[None, :], other=0.0)
+        acc_h += tl.dot(xxx.to(w1.dtype), w1, input_precision=DOT_PRECISION)
+    h = _tanh(acc_h.to(dtype).to(tl.float32)).to(dtype)
+
+    # 2. the mixed input x1, and the key/value LoRA's hidden layer
+    acc_g = tl.zeros([BM, R_PAD], dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + o_c
+        offs = row_offs + cols[None, :]
+        w2 = tl.load(maa_w2_ptr + o_r[:, None] * C + cols[None, :], mask=m_r[:, None], other=0.0)
+        mixed = tl.dot(h, w2, input_precision=DOT_PRECISION)
+        base = tl.load(base_ptr + offs, mask=m_rows[:, None], other=0.0).to(tl.float32)
+        prev = tl.load(prev_ptr + offs, mask=m_rows[:, None], other=0.0).to(tl.float32)
+        maa = tl.load(maa_ptr + cols).to(tl.float32)[None, :]
+        x1 = (base + (prev - base) * (maa + mixed.to(dtype).to(tl.float32))).to(dtype)
+        tl.store(out_ptr + offs, x1, mask=m_rows[:, None])
+        lora_w1 = tl.load(lora_w1_ptr + cols[:, None] * R + o_R[None, :], mask=m_R[None, :], other=0.0)
+        acc_g += tl.dot(x1, lora_w1, input_precision=DOT_PRECISION)
+    g = _tanh(acc_g.to(dtype).to(tl.float32)).to(dtype)
+
+    # 3. x2 = x1 + the LoRA's output; the row statistics of x2
+    row_sum = tl.zeros([BM], dtype=tl.float32)
+    row_sq = tl.zeros([BM], dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + o_c
+        offs = row_offs + cols[None, :]
+        x1 = tl.load(out_ptr + offs, mask=m_rows[:, None], other=0.0).to(tl.float32)
+        lora_w2 = tl.load(lora_w2_ptr + o_R[:, None] * C + cols[None, :], mask=m_R[:, None], other=0.0)
+        lora = tl.dot(g, lora_w2, input_precision=DOT_PRECISION)
+        x2 = (x1 + lora.to(dtype).to(tl.float32)).to(dtype)
+        tl.store(out_ptr + offs, x2, mask=m_rows[:, None])
+        x2 = x2.to(tl.float32)
+        row_sum += tl.sum(x2, axis=1)
+        row_sq += tl.sum(x2 * x2, axis=1)
+    mean = row_sum / C
+    rstd = 1.0 / tl.sqrt(tl.maximum(row_sq / C - mean * mean, 0.0) + eps)
+
+    # 4. layer norm, to `out` and to the row's page slot
+    slots = tl.load(slots_ptr + rows, mask=m_rows, other=-1)
+    stored = (slots >= 0)[:, None]
+    slot_offs = tl.maximum(slots, 0).to(tl.int64)[:, None] * C
+    for c0 in range(0, C, BC):
+        cols = c0 + o_c
+        offs = row_offs + cols[None, :]
+        x2 = tl.load(out_ptr + offs, mask=m_rows[:, None], other=0.0).to(tl.float32)
+        y = (x2 - mean[:, None]) * rstd[:, None] * tl.load(ln_w_ptr + cols).to(tl.float32)[None, :] \
+            + tl.load(ln_b_ptr + cols).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, y.to(dtype), mask=m_rows[:, None])
+        tl.store(pages_ptr + slot_offs + cols[None, :], y.to(pages_ptr.dtype.element_ty),
+                 mask=m_rows[:, None] & stored)
+
+
+def _padded(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _launch(base: Tensor, prev: Tensor, mix: Tensor, mix_prev: Tensor, maa_v_cache: Tensor, maa_w1: Tensor,
+            maa_w2: Tensor, maa: Tensor, lora_w1: Tensor, lora_w2: Tensor, ln_w: Tensor, ln_b: Tensor,
+            slots: Tensor, out: Tensor, pages: Tensor, eps: float) -> None:
+    N, C = base.shape
+    r, R = maa_w2.shape[0], lora_w1.shape[1]
+    BM, BC = _tiles(N, C)
+    precision = "ieee" if base.dtype == torch.float32 else "tf32"
+    gold_kv_derive_fwd_kernel[(triton.cdiv(N, BM),)](
+        base, prev, mix, mix_prev, maa_v_cache, maa_w1, maa_w1.stride(0), maa_w2, maa, lora_w1, lora_w2,
+        ln_w, ln_b, slots, out, pages, N, eps,
+        C=C, R_MIX=r, R=R, R_MIX_PAD=_padded(r), R_PAD=_padded(R), BM=BM, BC=BC, DOT_PRECISION=precision, num_warps=4)
+
+
+# A program re-reads the layer's LoRA weights (1.3 MB per kind at C = 2048) for its BM rows: many
+# rows amortise that, few fill more multiprocessors. Chosen from a sweep on an H100 (BM 16/32/64 x
+# BC 32/64/128 x 4/8 warps, bf16, C = 2048): 4,096 rows best at BM 16 / BC 128 (217 us a layer,
+# the compiled PyTorch ops and the scattered copy 334 us), 65,536 rows at BM 64 / BC 64 (2.35 ms
+# against 4.09 ms); from this many rows, 64-row blocks still give every SM four programs
+LONG_ROWS = 32768
+
+
+def _tiles(N: int, C: int) -> tuple[int, int]:
+    """(BM, BC): rows per program and channels per tile; BC divides C."""
+    BM, widest = (64, 64) if N >= LONG_ROWS else (16, 128)
+    return BM, next(bc for bc in (128, 64, 32, 16) if bc <= widest and C % bc == 0)
+
+
+def _check(proto_keys: Tensor, tensors: dict[str, Tensor], w: GoldKVDeriveWeights, row_slots: Tensor,
+           key_pages: Tensor, value_pages: Tensor) -> None:
+    N, C = proto_keys.shape
+    for name, t in tensors.items():
+        if t.shape != (N, C) or t.dtype != proto_keys.dtype or t.device != proto_keys.device:
+            raise ValueError(f"{name}: expected [{N}, {C}] {proto_keys.dtype} on {proto_keys.device}, "
+                             f"got {list(t.shape)} {t.dtype} on {t.device}")
+    if proto_keys.dtype not in _FLOATS:
+        raise ValueError(f"proto_keys: dtype {proto_keys.dtype} not in {_FLOATS}")
+    r2 = w.maa_w1.shape[1]
+    R = w.key_w1.shape[1]
+    for name, t, shape in (("maa_w1", w.maa_w1, (C, r2)), ("maa_w2", w.maa_w2, (2, r2 // 2, C)),
+                           ("key_w1", w.key_w1, (C, R)), ("value_w1", w.value_w1, (C, R)),
+                           ("key_w2", w.key_w2, (R, C)), ("value_w2", w.value_w2, (R, C))):
+        if tuple(t.shape) != shape or t.dtype != proto_keys.dtype:
+            raise ValueError(f"weights.{name}: expected {list(shape)} {proto_keys.dtype}, got {list(t.shape)} {t.dtype}")
+    if C % 16:
+        raise ValueError(f"proto_keys: the channel count must be a multiple of 16, got {C}")
+    if r2 % 2 or r2 == 0 or R == 0:
+        raise ValueError(f"weights: LoRA ranks must be positive (maa_w1 with an even width), got {r2} and {R}")
+    if row_slots.shape != (N,) or row_slots.dtype != torch.int64:
+        raise ValueError(f"row_slots: expected [{N}] int64, got {list(row_slots.shape)} {row_slots.dtype}")
+    for name, p in (("key_pages", key_pages), ("value_pages", value_pages)):
+        if p.dim() != 2 or p.shape[1] != C or not p.is_contiguous():
+            raise ValueError(f"{name}: expected contiguous [S, {C}], got {list(p.shape)}")
+
+
+def gold_kv_derive(proto_keys: Tensor, prev_proto_keys: Tensor, token_values: Tensor, prev_token_values: Tensor,
+                   w: GoldKVDeriveWeights, row_slots: Tensor, key_pages: Tensor, value_pages: Tensor,
+                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Keys and values [N, C] (contiguous, the activation dtype) of N packed rows; row i's are also
+    stored at flat page row `row_slots[i]` of `key_pages` / `value_pages` ([S, C], one layer's pages
+    flattened), unless that slot is -1.
+
+    proto_keys, prev_proto_keys, token_values, prev_token_values: [N, C], each row's inputs and its
+    predecessor's (zeros before a history's first token). `w`: see `GoldKVDeriveWeights`."""
+    tensors = {"proto_keys": proto_keys, "prev_proto_keys": prev_proto_keys, "token_values": token_values,
+               "prev_token_values": prev_token_values}
+    _check(proto_keys, tensors, w, row_slots, key_pages, value_pages)
+    proto_keys, prev_proto_keys, token_values, prev_token_values = (t.contiguous() for t in tensors.values())
+    keys, values = torch.empty_like(proto_keys), torch.empty_like(token_values)
+    r, maa_w1 = w.maa_w2.shape[1], w.maa_w1.contiguous()
+    common = dict(maa_v_cache=w.maa_v_cache.contiguous(), slots=row_slots.contiguous(), eps=eps)
+    if proto_keys.shape[0] == 0:
+        return keys, values
+    _launch(proto_keys, prev_proto_keys, token_values, prev_token_values, maa_w1=maa_w1[:, :r],
+            maa_w2=w.maa_w2[0].contiguous(), maa=w.maa_k.contiguous(), lora_w1=w.key_w1.contiguous(),
+            lora_w2=w.key_w2.contiguous(), ln_w=w.ln_k_weight.contiguous(), ln_b=w.ln_k_bias.contiguous(),
+            out=keys, pages=key_pages, **common)
+    _launch(token_values, prev_token_values, token_values, prev_token_values, maa_w1=maa_w1[:, r:],
+            maa_w2=w.maa_w2[1].contiguous(), maa=w.maa_v.contiguous(), lora_w1=w.value_w1.contiguous(),
+            lora_w2=w.value_w2.contiguous(), ln_w=w.ln_v_weight.contiguous(), ln_b=w.ln_v_bias.contiguous(),
+            out=values, pages=value_pages, **common)
+    return keys, values
