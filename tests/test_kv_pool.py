@@ -41,8 +41,16 @@ def random_tokens(gen: torch.Generator, n: int, dtype: torch.dtype = torch.bfloa
 
 
 def test_slot_mapping_exact() -> None:
-    assert slot_mapping([[2, 0], [1]], [3, 1], [2, 2], 4) == [11, 0, 5, 6]
-    assert slot_mapping([], [], [], 4) == []
+    assert slot_mapping([[2, 0], [1]], [3, 1], [2, 2], 4).tolist() == [11, 0, 5, 6]
+    assert slot_mapping([], [], [], 4).tolist() == []
+    # long chunks take the numpy path: the same slots as the per-token formula
+    table, bs = [7, 3, 9, 0, 5, 2, 8, 1], 64
+    long = slot_mapping([table, [4, 6]], [100, 3], [400, 5], bs).tolist()
+    assert long == [table[p // bs] * bs + p % bs for p in range(100, 500)] + [4 * 64 + 3, 4 * 64 + 4, 4 * 64 + 5,
+                                                                            4 * 64 + 6, 4 * 64 + 7]
+    # short runs before and after a long one keep their order
+    mixed = slot_mapping([[1], table, [2]], [0, 0, 5], [2, 300, 1], bs).tolist()
+    assert mixed == [64, 65] + [table[p // bs] * bs + p % bs for p in range(300)] + [2 * 64 + 5]
     with pytest.raises(ValueError, match="sequence 1: 1 blocks of 4 cannot hold 5 tokens"):
         slot_mapping([[2, 0], [1]], [3, 1], [2, 4], 4)
 
