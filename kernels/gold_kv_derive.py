@@ -1,5 +1,5 @@
 """One GOLD layer's keys and values of packed rows, derived and stored to the working-set pages in
-one kernel per kind (keys, values).
+one kernel launch (programs for keys and for values).
 
 Same contract and arithmetic as `kernels.gold_kv_derive_reference` (see its docstring). Why a
 kernel: a prompt's last step derives every GOLD layer's keys and values over its whole history (the
@@ -7,7 +7,7 @@ tail queries attend to all of it, and the working set keeps them for decoding). 
 is a dozen passes over [N, C] and a scattered copy per layer (H100, 4,096 rows: ~320 us a layer,
 compiled); here each kind is four passes over a block of rows that stays in L2.
 
-`gold_kv_derive_fwd_kernel`, grid (cdiv(N, BM),): a program owns BM rows and walks the C channels in
+`gold_kv_derive_fwd_kernel`, grid (cdiv(N, BM), 2): a program owns BM rows of one kind and walks the C channels in
 BC-wide tiles four times, keeping only per-row vectors in registers:
   1. h = tanh(mix_input @ maa_w1[:, half])           [BM, r]  (the mix input is recomputed per tile)
   2. x1 = base + (prev - base) * (maa + h @ maa_w2[half]), stored to `out`; g += x1 @ lora_w1
@@ -36,24 +36,38 @@ def _tanh(x):
 
 @triton.jit
 def gold_kv_derive_fwd_kernel(
-    base_ptr, prev_ptr,  # [N, C]: proto-keys (keys) or token values (values), and their predecessors
-    mix_ptr, mix_prev_ptr,  # [N, C]: token values and their predecessors (the mix LoRA's input)
-    maa_v_cache_ptr, maa_w1_ptr, stride_w1, maa_w2_ptr, maa_ptr,  # [C]; [C, r] (row stride); [r, C]; [C]
-    lora_w1_ptr, lora_w2_ptr, ln_w_ptr, ln_b_ptr,  # [C, R]; [R, C]; [C]; [C]
-    slots_ptr, out_ptr, pages_ptr,  # [N] int64 (-1: not stored); [N, C]; [S, C]
+    proto_ptr, prev_proto_ptr, tv_ptr, prev_tv_ptr,  # [N, C] each: the rows' inputs, their predecessors'
+    maa_v_cache_ptr, maa_w1_ptr, maa_w2_ptr,  # [C]; [C, 2r]; [2, r, C]
+    maa_k_ptr, maa_v_ptr,  # [C] each
+    key_w1_ptr, key_w2_ptr, value_w1_ptr, value_w2_ptr,  # [C, R]; [R, C]; [C, R]; [R, C]
+    ln_k_w_ptr, ln_k_b_ptr, ln_v_w_ptr, ln_v_b_ptr,  # [C] each
+    slots_ptr, keys_ptr, values_ptr, key_pages_ptr, value_pages_ptr,  # [N] int64 (-1: not stored); [N, C] x2; [S, C] x2
     N, eps,
     C: tl.constexpr, R_MIX: tl.constexpr, R: tl.constexpr, R_MIX_PAD: tl.constexpr, R_PAD: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
+    i_m, kind = tl.program_id(0), tl.program_id(1)  # kind 0: keys, 1: values
+    # one branch picks the kind's tensors: both kinds share a launch (twice the programs)
+    if kind == 0:
+        base_ptr, prev_ptr, maa_ptr = proto_ptr, prev_proto_ptr, maa_k_ptr
+        lora_w1_ptr, lora_w2_ptr, ln_w_ptr, ln_b_ptr = key_w1_ptr, key_w2_ptr, ln_k_w_ptr, ln_k_b_ptr
+        out_ptr, pages_ptr = keys_ptr, key_pages_ptr
+    else:
+        base_ptr, prev_ptr, maa_ptr = tv_ptr, prev_tv_ptr, maa_v_ptr
+        lora_w1_ptr, lora_w2_ptr, ln_w_ptr, ln_b_ptr = value_w1_ptr, value_w2_ptr, ln_v_w_ptr, ln_v_b_ptr
+        out_ptr, pages_ptr = values_ptr, value_pages_ptr
+    mix_ptr, mix_prev_ptr = tv_ptr, prev_tv_ptr
+    stride_w1 = 2 * R_MIX
+    maa_w1_ptr += kind * R_MIX  # the kind's half of the columns
+    maa_w2_ptr += kind * R_MIX * C
     rows = i_m * BM + tl.arange(0, BM)
     m_rows = rows < N
     row_offs = rows.to(tl.int64)[:, None] * C
     # LoRA ranks padded to powers of two >= 16 (tl.dot): padded weight rows/columns load as zeros
     o_c, o_r, o_R = tl.arange(0, BC), tl.arange(0, R_MIX_PAD), tl.arange(0, R_PAD)
     m_r, m_R = o_r < R_MIX, o_R < R
-    dtype = out_ptr.dtype.element_ty
+    dtype = keys_ptr.dtype.element_ty
 
     # 1. the mix LoRA's hidden layer
     acc_h = tl.zeros([BM, R_MIX_PAD], dtype=tl.float32)
@@ -110,7 +124,7 @@ def gold_kv_derive_fwd_kernel(
         y = (x2 - mean[:, None]) * rstd[:, None] * tl.load(ln_w_ptr + cols).to(tl.float32)[None, :] \
             + tl.load(ln_b_ptr + cols).to(tl.float32)[None, :]
         tl.store(out_ptr + offs, y.to(dtype), mask=m_rows[:, None])
-        tl.store(pages_ptr + slot_offs + cols[None, :], y.to(pages_ptr.dtype.element_ty),
+        tl.store(pages_ptr + slot_offs + cols[None, :], y.to(key_pages_ptr.dtype.element_ty),
                  mask=m_rows[:, None] & stored)
 
 
@@ -118,31 +132,31 @@ def _padded(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def _launch(base: Tensor, prev: Tensor, mix: Tensor, mix_prev: Tensor, maa_v_cache: Tensor, maa_w1: Tensor,
-            maa_w2: Tensor, maa: Tensor, lora_w1: Tensor, lora_w2: Tensor, ln_w: Tensor, ln_b: Tensor,
-            slots: Tensor, out: Tensor, pages: Tensor, eps: float) -> None:
-    N, C = base.shape
-    r, R = maa_w2.shape[0], lora_w1.shape[1]
-    BM, BC = _tiles(N, C)
-    precision = "ieee" if base.dtype == torch.float32 else "tf32"
-    gold_kv_derive_fwd_kernel[(triton.cdiv(N, BM),)](
-        base, prev, mix, mix_prev, maa_v_cache, maa_w1, maa_w1.stride(0), maa_w2, maa, lora_w1, lora_w2,
-        ln_w, ln_b, slots, out, pages, N, eps,
-        C=C, R_MIX=r, R=R, R_MIX_PAD=_padded(r), R_PAD=_padded(R), BM=BM, BC=BC, DOT_PRECISION=precision, num_warps=4)
+def _launch(proto: Tensor, prev_proto: Tensor, tv: Tensor, prev_tv: Tensor, w: GoldKVDeriveWeights,
+            slots: Tensor, keys: Tensor, values: Tensor, key_pages: Tensor, value_pages: Tensor, eps: float) -> None:
+    N, C = proto.shape
+    r, R = w.maa_w2.shape[1], w.key_w1.shape[1]
+    BM, BC, warps = _tiles(N, C)
+    precision = "ieee" if proto.dtype == torch.float32 else "tf32"
+    gold_kv_derive_fwd_kernel[(triton.cdiv(N, BM), 2)](
+        proto, prev_proto, tv, prev_tv, *(t.contiguous() for t in w), slots, keys, values, key_pages, value_pages,
+        N, eps, C=C, R_MIX=r, R=R, R_MIX_PAD=_padded(r), R_PAD=_padded(R), BM=BM, BC=BC, DOT_PRECISION=precision,
+        num_warps=warps)
 
 
 # A program re-reads the layer's LoRA weights (1.3 MB per kind at C = 2048) for its BM rows: many
-# rows amortise that, few fill more multiprocessors. Chosen from a sweep on an H100 (BM 16/32/64 x
-# BC 32/64/128 x 4/8 warps, bf16, C = 2048): 4,096 rows best at BM 16 / BC 128 (217 us a layer,
-# the compiled PyTorch ops and the scattered copy 334 us), 65,536 rows at BM 64 / BC 64 (2.35 ms
-# against 4.09 ms); from this many rows, 64-row blocks still give every SM four programs
-LONG_ROWS = 32768
+# rows amortise that, few fill more multiprocessors. Chosen from sweeps on an H100 (BM 16/32/64 x
+# BC 64/128 x 4/8 warps, bf16, C = 2048, both kinds per launch): 2,048 rows best at BM 16 / BC 128
+# (113 us a layer); 4,096 rows 190-195 us at BM 64 (the compiled PyTorch ops and the scattered copy
+# to the pages: 334 us); 16,384 rows 610 us at BM 64 / BC 64 (BM 16: 806 us); 65,536 rows 2.35 ms
+# (PyTorch compiled: 4.09 ms)
+LONG_ROWS = 4096
 
 
-def _tiles(N: int, C: int) -> tuple[int, int]:
-    """(BM, BC): rows per program and channels per tile; BC divides C."""
-    BM, widest = (64, 64) if N >= LONG_ROWS else (16, 128)
-    return BM, next(bc for bc in (128, 64, 32, 16) if bc <= widest and C % bc == 0)
+def _tiles(N: int, C: int) -> tuple[int, int, int]:
+    """(BM, BC, warps): rows per program, channels per tile (dividing C), warps per program."""
+    BM, widest, warps = (64, 64, 4) if N >= LONG_ROWS else (16, 128, 4)
+    return BM, next(bc for bc in (128, 64, 32, 16) if bc <= widest and C % bc == 0), warps
 
 
 def _check(proto_keys: Tensor, tensors: dict[str, Tensor], w: GoldKVDeriveWeights, row_slots: Tensor,
@@ -168,8 +182,8 @@ def _check(proto_keys: Tensor, tensors: dict[str, Tensor], w: GoldKVDeriveWeight
     if row_slots.shape != (N,) or row_slots.dtype != torch.int64:
         raise ValueError(f"row_slots: expected [{N}] int64, got {list(row_slots.shape)} {row_slots.dtype}")
     for name, p in (("key_pages", key_pages), ("value_pages", value_pages)):
-        if p.dim() != 2 or p.shape[1] != C or not p.is_contiguous():
-            raise ValueError(f"{name}: expected contiguous [S, {C}], got {list(p.shape)}")
+        if p.dim() != 2 or p.shape[1] != C or not p.is_contiguous() or p.dtype != key_pages.dtype:
+            raise ValueError(f"{name}: expected contiguous [S, {C}] {key_pages.dtype}, got {list(p.shape)} {p.dtype}")
 
 
 def gold_kv_derive(proto_keys: Tensor, prev_proto_keys: Tensor, token_values: Tensor, prev_token_values: Tensor,
@@ -186,16 +200,7 @@ def gold_kv_derive(proto_keys: Tensor, prev_proto_keys: Tensor, token_values: Te
     _check(proto_keys, tensors, w, row_slots, key_pages, value_pages)
     proto_keys, prev_proto_keys, token_values, prev_token_values = (t.contiguous() for t in tensors.values())
     keys, values = torch.empty_like(proto_keys), torch.empty_like(token_values)
-    r, maa_w1 = w.maa_w2.shape[1], w.maa_w1.contiguous()
-    common = dict(maa_v_cache=w.maa_v_cache.contiguous(), slots=row_slots.contiguous(), eps=eps)
-    if proto_keys.shape[0] == 0:
-        return keys, values
-    _launch(proto_keys, prev_proto_keys, token_values, prev_token_values, maa_w1=maa_w1[:, :r],
-            maa_w2=w.maa_w2[0].contiguous(), maa=w.maa_k.contiguous(), lora_w1=w.key_w1.contiguous(),
-            lora_w2=w.key_w2.contiguous(), ln_w=w.ln_k_weight.contiguous(), ln_b=w.ln_k_bias.contiguous(),
-            out=keys, pages=key_pages, **common)
-    _launch(token_values, prev_token_values, token_values, prev_token_values, maa_w1=maa_w1[:, r:],
-            maa_w2=w.maa_w2[1].contiguous(), maa=w.maa_v.contiguous(), lora_w1=w.value_w1.contiguous(),
-            lora_w2=w.value_w2.contiguous(), ln_w=w.ln_v_weight.contiguous(), ln_b=w.ln_v_bias.contiguous(),
-            out=values, pages=value_pages, **common)
+    if proto_keys.shape[0]:
+        _launch(proto_keys, prev_proto_keys, token_values, prev_token_values, w, row_slots.contiguous(), keys, values,
+                key_pages, value_pages, eps)
     return keys, values

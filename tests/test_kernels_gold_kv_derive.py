@@ -134,7 +134,7 @@ def test_bad_inputs_name_the_field():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("N", [4096, 40000])  # both tile choices (`gold_kv_derive.LONG_ROWS`)
+@pytest.mark.parametrize("N", [1000, 40000])  # both tile choices (`gold_kv_derive.LONG_ROWS`)
 def test_kernel_at_the_1b5_shape_bf16(N):
     C, R = 2048, 128
     w = _weights(C, 32, R, torch.bfloat16, "cuda")
