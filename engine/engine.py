@@ -5,8 +5,6 @@ scripts. `engine.async_engine.AsyncEngine` runs its step loop in one thread for 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 import uuid
@@ -26,15 +24,16 @@ from .sampler import Sampler, make_sampling_batch
 from .sampling_params import SamplingParams, resolve_seed
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import FinishReason, Sequence, SequenceStatus
-from .session_file import RNN_KEYS, load_session, save_session
-from .sessions import Session, SessionError, SessionStore
+from .engine_sessions import SessionFiles, fingerprint
+from .prompt_ids import prompt_token_ids
+from .sessions import SessionStore
 from .stats import EngineStats
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("goldfinch.engine")
 
 
-class LLMEngine:
+class LLMEngine(SessionFiles):
     def __init__(self, model: GoldFinchModel, tokenizer: Tokenizer | None = None,
                  config: EngineConfig | None = None) -> None:
         self.model = model
@@ -59,7 +58,7 @@ class LLMEngine:
         self.eos_token_id = tokenizer.eos_token_id if tokenizer else None
         # a model's embedding is often padded past its tokenizer: never sample an id without text
         self.sampleable_vocab = min(model.config.vocab_size, tokenizer.vocab_size) if tokenizer else None
-        self.model_fingerprint = _fingerprint(model)
+        self.model_fingerprint = fingerprint(model)
         self._in_flight: LaunchedStep | None = None  # a decode step launched before its inputs' tokens were read
 
     # ---- requests ------------------------------------------------------------------------------
@@ -94,24 +93,7 @@ class LLMEngine:
         return request_id
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt: text prompts need a tokenizer; pass token ids")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ValueError(f"prompt: not valid Unicode (lone surrogate at character {exc.start})") from None
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(map(int, prompt))
-        vocab = self.model.config.vocab_size
-        if not ids:
-            raise ValueError("prompt: must contain at least one token")
-        # min/max run in C: a per-token Python check cost ~0.2 ms per 1K tokens before the first step
-        if min(ids) < 0 or max(ids) >= vocab:
-            bad = next(t for t in ids if not 0 <= t < vocab)
-            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
-        return ids
+        return prompt_token_ids(prompt, self.tokenizer, self.model.config.vocab_size)
 
     def abort(self, request_id: str) -> RequestUpdate | None:
         """Cancels a request; its blocks and slot are freed at once. None if it is unknown."""
@@ -312,41 +294,6 @@ class LLMEngine:
                 seq.host_copy = None
         self.requests.pop(request.request_id, None)
 
-    # ---- sessions on disk ----------------------------------------------------------------------
-    def save_session(self, session_id: str, path: str, owner: str | None = None) -> int:
-        """Writes a session's state to a file (see engine.session_file); returns its size."""
-        session = self.sessions.get(session_id, owner)
-        if session.busy:
-            raise SessionError(f"session_id: session {session_id!r} is in use by a running request")
-        n = len(session.token_ids)
-        if session.on_device:
-            copy = self.cache.host_copy_of(session, n)
-        elif session.host_copy is not None:
-            copy = session.host_copy
-        else:
-            raise SessionError(f"session_id: session {session_id!r} holds no state yet")
-        return save_session(path, session, copy, self.model_fingerprint)
-
-    def restore_session(self, path: str, session_id: str | None = None, owner: str | None = None) -> Session:
-        """Reads a session file (validated as a whole) into host memory under `session_id` (the
-        id saved in the file by default); it moves to the device when a request resumes it."""
-        rnn = self.cache.rnn
-        shapes = {k: tuple(getattr(rnn, k)[:, 0].shape) for k in RNN_KEYS}
-        meta, copy = load_session(path, self.model_fingerprint, shapes, self.model.config.compressed_dim)
-        if meta.get("owner") and meta["owner"] != owner:  # another key's file reads as missing
-            raise SessionError(f"session_id: no session {session_id or meta.get('session_id')!r}")
-        dtype = self.model.dtype
-        copy.compressed_keys = copy.compressed_keys.to(dtype)
-        copy.rnn_state["tmix_shift"] = copy.rnn_state["tmix_shift"].to(dtype)
-        copy.rnn_state["cmix_shift"] = copy.rnn_state["cmix_shift"].to(dtype)
-        sid = session_id or meta.get("session_id") or None
-        if sid in self.sessions:
-            self.sessions.get(sid, owner)  # another key's session cannot be overwritten
-        session = Session(session_id=sid or self.sessions.open(owner=owner).session_id, owner=owner,
-                          token_ids=meta["token_ids"], host_copy=copy)
-        self.sessions.adopt(session)
-        return session
-
     # ---- conveniences --------------------------------------------------------------------------
     def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  session_ids: list[str | None] | None = None) -> list[RequestOutput]:
@@ -371,11 +318,3 @@ class LLMEngine:
         self.cache.check_integrity(self.owners())
         if self.runner.working_sets is not None:
             self.runner.working_sets.check_integrity()
-
-
-def _fingerprint(model: GoldFinchModel) -> str:
-    """Identifies the weights a session's state belongs to (config and a sample of the weights)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for t in (model.emb, model.head, model.w_compress):
-        h.update(t.flatten()[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
