@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.dispatch import paged_attention
+from kernels.dispatch import paged_attention, tail_attention
 
 from . import layers as L
 from .gold_keys import StepKeys
@@ -149,16 +149,8 @@ class GoldLayers:
                 continue
             keys, values = kv[i] if i in kv else step_keys.derive(i, w)
             n_k = keys.shape[0]
-            # [1, H, L, D]: SDPA's fused CUDA kernels take 4-d inputs only; 3-d ones fell back to
-            # its math path, in float32 for bf16 (5% of a 16K prefill on an H100)
-            qi = q[bases[i]: bases[i] + n_q].transpose(0, 1)[None]
-            ki, vi = keys.view(n_k, H, D).transpose(0, 1)[None], values.view(n_k, H, D).transpose(0, 1)[None]
-            if n_q == 1:  # decode: the one query sees every key
-                o = F.scaled_dot_product_attention(qi, ki, vi)
-            else:
-                visible = torch.arange(n_k, device=q.device)[None, :] <= q_pos[bases[i]: bases[i] + n_q, None]
-                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=visible[None, None])
-            out[bases[i]: bases[i] + n_q] = o[0].transpose(0, 1)
+            rows = slice(bases[i], bases[i] + n_q)
+            out[rows] = tail_attention(q[rows], keys.view(n_k, H, D), values.view(n_k, H, D), q_pos[rows])
             self.gold_work.query_rows += n_q
             self.gold_work.key_rows += n_q * n_k
         out = L.layer_norm(out.view(-1, H * D), w, "att.ln_x")

@@ -1,4 +1,5 @@
-"""Which implementation runs (WKV6, paged decode attention, GOLD key/value derivation): the Triton kernels on CUDA tensors, the
+"""Which implementation runs (WKV6, paged decode attention, GOLD key/value derivation, prompt-tail
+attention): the Triton kernels on CUDA tensors, the
 PyTorch reference elsewhere.
 
 Set `GOLDFINCH_KERNELS=reference` to force the reference on CUDA as well (debugging, A/B checks).
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from .gold_kv_derive_reference import GoldKVDeriveWeights, gold_kv_derive_reference
 from .paged_attention_reference import paged_decode_attention_reference
+from .tail_attention_reference import tail_attention_reference
 from .wkv6_plan import ChunkPlan
 from .wkv6_reference import wkv6_chunked, wkv6_step
 
@@ -115,3 +117,15 @@ def gold_kv_derive(proto_keys: Tensor, prev_proto_keys: Tensor, token_values: Te
                       key_pages, value_pages)
     return gold_kv_derive_reference(proto_keys, prev_proto_keys, token_values, prev_token_values, weights,
                                     row_slots, key_pages, value_pages)
+
+
+def tail_attention(q: Tensor, keys: Tensor, values: Tensor, q_positions: Tensor) -> Tensor:
+    """Q queries of one sequence over its contiguous keys/values [n, H, D], query i seeing keys
+    0..q_positions[i] (int [Q]); returns [Q, H, D] in q's dtype. The split-key Triton kernel on CUDA
+    up to `tail_attention.MAX_QUERIES` queries; masked SDPA otherwise."""
+    if use_triton(q):
+        from .tail_attention import MAX_QUERIES, tail_attention as split_key_attention
+
+        if q.shape[0] <= MAX_QUERIES:
+            return split_key_attention(q, keys, values, q_positions)
+    return tail_attention_reference(q, keys, values, q_positions)
