@@ -56,8 +56,8 @@ class StepKeys:
         self._ops = ops
         self.pool = getattr(keys_view, "kv_pool", None)
         self.context_lens, self.query_lens = context_lens, query_lens
-        # keys and values of the sequences with sets in one kernel per layer that also stores them
-        # (`kernels.gold_kv_derive`; without rotary: its keys are rotated before they are stored)
+        # keys and values of the sequences with sets derived and stored by one kernel per layer
+        # (`kernels.gold_kv_derive`); not with rotary, whose keys are stored rotated
         self._fused_derive = config.rope is None
         self._decompress = decompress
         self._hold_decompressed = sum(c + q for c, q in zip(context_lens, query_lens)) <= DECOMPRESSED_ROWS_LIMIT
@@ -105,10 +105,12 @@ class StepKeys:
             zp = to_device(zero_prev, torch.long, device)
             self.prev_proto.index_fill_(0, zp, 0)
             self.prev_values.index_fill_(0, zp, 0)
-        self.keep = to_device(np.concatenate(keep), torch.long, device)
-        self.slots = to_device(np.concatenate(slots), torch.long, device)
-        self.positions = to_device(np.concatenate(positions), torch.long, device)
-        self.row_slots = to_device(np.concatenate(row_slots), torch.long, device) if self._fused_derive else None
+        if self._fused_derive:  # every row's slot, -1 where not stored
+            self.row_slots = to_device(np.concatenate(row_slots), torch.long, device)
+        else:
+            self.keep = to_device(np.concatenate(keep), torch.long, device)
+            self.slots = to_device(np.concatenate(slots), torch.long, device)
+            self.positions = to_device(np.concatenate(positions), torch.long, device)
         self.row_offsets = [0]
         for h in hs:
             self.row_offsets.append(self.row_offsets[-1] + h.proto_keys.shape[0])
