@@ -42,7 +42,10 @@ def select_with_prev(x: Tensor, win: Windows, new_starts: list[int], carried: Te
     """From rows of positions [win.starts[i], T_i), take positions [new_starts[i], T_i) and the row
     before each (the carried state before position 0). Returns (cur, prev, last row of each seq).
 
-    Index arithmetic is vectorised (prompts of a million tokens pass through here per layer)."""
+    Index arithmetic is vectorised (prompts of a million tokens pass through here per layer); one
+    sequence's rows are plain slices."""
+    if len(win.starts) == 1:
+        return _select_one(x, win.starts[0], win.lens[0], new_starts[0], carried)
     starts, lens, news = tuple(win.starts), tuple(win.lens), tuple(new_starts)
     key = (starts, lens, news)
     rows = [t - s for s, t in zip(starts, lens)]
@@ -55,8 +58,7 @@ def select_with_prev(x: Tensor, win: Windows, new_starts: list[int], carried: Te
         prev[idx.get(("base", lens), lambda: base)] = carried.to(x.dtype)
         return x, prev, x[last]
     for s, t, ns in zip(starts, lens, news):
-        if not (s <= ns < t and (ns > s or ns == 0)):
-            raise AssertionError(f"window [{s}, {t}) too short to select [{ns}, {t}) with its token shift")
+        _check_window(s, t, ns)
 
     def build(which: str):
         counts = torch.tensor([t - ns for t, ns in zip(lens, news)])
@@ -71,3 +73,19 @@ def select_with_prev(x: Tensor, win: Windows, new_starts: list[int], carried: Te
     prev = idx.get(("prev", x.shape[0]) + key, lambda: build("prev"))
     ext = torch.cat([x, carried.to(x.dtype)])
     return ext[cur], ext[prev], x[last]
+
+
+def _check_window(s: int, t: int, ns: int) -> None:
+    if not (s <= ns < t and (ns > s or ns == 0)):
+        raise AssertionError(f"window [{s}, {t}) too short to select [{ns}, {t}) with its token shift")
+
+
+def _select_one(x: Tensor, s: int, t: int, ns: int, carried: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`select_with_prev` of one sequence (x: positions [s, t)) as views of x: no index tensors,
+    copies or gathers (the GOLD layers of a prompt's last step call this four times a layer; each
+    index tensor was a host-to-device copy and each selection a gather). Only a selection from
+    position 0 concatenates the carried row."""
+    _check_window(s, t, ns)
+    cur = x[ns - s:]
+    prev = x[ns - s - 1: t - s - 1] if ns > s else torch.cat([carried.to(x.dtype), x[: t - s - 1]])
+    return cur, prev, x[t - s - 1:]
