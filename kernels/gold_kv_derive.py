@@ -4,11 +4,12 @@ one kernel launch (programs for keys and for values).
 Same contract and arithmetic as `kernels.gold_kv_derive_reference` (see its docstring). Why a
 kernel: a prompt's last step derives every GOLD layer's keys and values over its whole history (the
 tail queries attend to all of it, and the working set keeps them for decoding). As PyTorch ops that
-is a dozen passes over [N, C] and a scattered copy per layer (H100, 4,096 rows: ~320 us a layer,
-compiled); here each kind is four passes over a block of rows that stays in L2.
+is a dozen passes over [N, C] and a scattered copy per layer (H100, 4,096 rows: 297 us of GPU time
+a layer compiled, 190 us here: `benchmarks/bench_tail_kernels.py`); here each kind is four passes
+over a block of rows that stays in L2.
 
-`gold_kv_derive_fwd_kernel`, grid (cdiv(N, BM), 2): a program owns BM rows of one kind and walks the C channels in
-BC-wide tiles four times, keeping only per-row vectors in registers:
+`gold_kv_derive_fwd_kernel`, grid (cdiv(N, BM), 2): a program owns BM rows of one kind and walks the
+C channels in BC-wide tiles four times, keeping only per-row vectors in registers:
   1. h = tanh(mix_input @ maa_w1[:, half])           [BM, r]  (the mix input is recomputed per tile)
   2. x1 = base + (prev - base) * (maa + h @ maa_w2[half]), stored to `out`; g += x1 @ lora_w1
   3. g = tanh(g); x2 = x1 + g @ lora_w2, stored to `out`; row sums and sums of squares

@@ -224,6 +224,19 @@ def test_kv_working_sets_change_nothing(case, pages, fast_path):
 
 
 
+def _general_steps_with_sets_match_plain(model) -> None:
+    """Three prompts in chunks of 32 tokens, then decodes, all through the general step with K/V
+    working sets (pages of 8): the plain path's greedy tokens."""
+    mc = model.config
+    engine = LLMEngine(model, None, EngineConfig(cache_tokens=4096, check_integrity=True, kv_working_set_page_size=8,
+                                                 kv_working_set_bytes=512 * 8 * 2 * mc.n_gold * mc.dim_att * 4,
+                                                 max_num_batched_tokens=32, decode_fast_path=False))
+    ps = prompts(3, seed=41, lo=20, hi=50)
+    outs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == greedy_plain(model, p, 6)
+
+
 def test_working_set_rows_derived_by_the_fused_derivation(monkeypatch):
     """Without rotary, sets' keys and values are derived and stored by `kernels.dispatch.gold_kv_derive`
     (its reference on the CPU), rows of several sequences packed: the plain path's tokens."""
@@ -237,15 +250,7 @@ def test_working_set_rows_derived_by_the_fused_derivation(monkeypatch):
         return fused(*args)
 
     monkeypatch.setattr(gold_keys, "gold_kv_derive", spy)
-    model = load_model("goldfinch_l6_d128")
-    mc = model.config
-    engine = LLMEngine(model, None, EngineConfig(cache_tokens=4096, check_integrity=True, kv_working_set_page_size=8,
-                                                 kv_working_set_bytes=512 * 8 * 2 * mc.n_gold * mc.dim_att * 4,
-                                                 max_num_batched_tokens=32, decode_fast_path=False))
-    ps = prompts(3, seed=41, lo=20, hi=50)
-    outs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    for p, o in zip(ps, outs):
-        assert o.outputs[0].token_ids == greedy_plain(model, p, 6)
+    _general_steps_with_sets_match_plain(load_model("goldfinch_l6_d128"))
     assert calls and any(stored == rows for rows, stored in calls)  # a rebuilt set: every row stored
     assert any(stored < rows for rows, stored in calls)  # a tail: its first row only feeds the shift
 
@@ -265,13 +270,5 @@ def test_working_set_rows_derived_in_pieces_change_nothing(case, monkeypatch):
         return packed(self, w)
 
     monkeypatch.setattr(gold_keys.StepKeys, "_packed_keys_values", spy)
-    model = load_model(case)
-    mc = model.config
-    engine = LLMEngine(model, None, EngineConfig(cache_tokens=4096, check_integrity=True, kv_working_set_page_size=8,
-                                                 kv_working_set_bytes=512 * 8 * 2 * mc.n_gold * mc.dim_att * 4,
-                                                 max_num_batched_tokens=32, decode_fast_path=False))
-    ps = prompts(3, seed=41, lo=20, hi=50)
-    outs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    for p, o in zip(ps, outs):
-        assert o.outputs[0].token_ids == greedy_plain(model, p, 6)
+    _general_steps_with_sets_match_plain(load_model(case))
     assert any(pieced)
