@@ -184,9 +184,11 @@ def bench_prefill(lengths, bw, quick, packed=None):
     return rows
 
 
-# the default (products over 16 channels, one tf32 pass for bf16) and the choices it was picked from
-VARIANTS = [dict(), dict(precision="tf32x3"), dict(diag_products=False), dict(diag_products=False, diag_channels=8),
-            dict(diag_products=False, diag_channels=8, precision="tf32x3"), dict(diag_channels=32)]
+# the default (diagonal blocks row by row, one warp a program, one tf32 pass for bf16) and the choices
+# it was picked from
+_CUBE = dict(diag_walk=False)
+VARIANTS = [dict(), dict(precision="tf32x3"), dict(num_warps=2), dict(num_warps=4, chunk_warps=8), dict(chunk_warps=2),
+            _CUBE, dict(_CUBE, num_warps=2), dict(_CUBE, diag_channels=8), dict(_CUBE, diag_products=False)]
 
 
 def bench_variants(T, quick):

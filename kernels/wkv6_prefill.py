@@ -3,27 +3,29 @@
 Sequence b owns tokens [cu_seqlens[b], cu_seqlens[b+1]) of the packed inputs and the state
 `state_pool[slots[b]]`, which is read as the initial state and overwritten with the final one.
 
-Chunks of BT = 64 tokens, split into sub-chunks of BC = 16; four kernels, only the third of which
+Chunks of BT = 64 tokens, split into sub-chunks of BC = 16; three kernels, only the second of which
 walks a sequence, and it only streams:
 
-1. `wkv6_prefill_intra_fwd_kernel`, one program per (chunk, head, pair of sub-chunks i >= j): the
-   block (i, j) of the chunk's attention matrix att[t, s] = sum_k r_tk exp(sum_{s<j'<t} w_j'k) k_sk
-   (s < t). For j < i the decay splits at the end of sub-chunk j into two factors <= 1, one for t
-   and one for s, and the block is one matrix product; for i = j each pair gets its own exponent.
-2. `wkv6_prefill_chunk_fwd_kernel`, one program per (chunk, head, V tile): what the chunk adds to
+1. `wkv6_prefill_chunk_fwd_kernel`, one program per (chunk, head, V tile): what the chunk adds to
    the state, dS = sum_s (k_s exp(sum_{j>s} w_j)) v_s^T, into `h`, and its decay exp(sum w).
-3. `wkv6_prefill_scan_fwd_kernel`, one program per (sequence, head, K tile): S <- decay * S + dS
+2. `wkv6_prefill_scan_fwd_kernel`, one program per (sequence, head, K tile): S <- decay * S + dS
    chunk by chunk, several chunks' loads in flight, leaving in `h` the state at each chunk start
    and the final state in the pool.
-4. `wkv6_prefill_fwd_kernel`, one program per (chunk, head, V tile):
-   y_t = (r_t exp(sum_{j<t} w_j)) h_chunk + sum_{s<t} att[t, s] v_s + (r_t . u . k_t) v_t.
+3. `wkv6_prefill_fwd_kernel`, one program (one warp) per (chunk, head, sub-chunk):
+   y_t = (r_t exp(sum_{j<t} w_j)) h_chunk + sum_{s<t} att[t, s] v_s + (r_t . u . k_t) v_t, with
+   att[t, s] = sum_k r_tk exp(sum_{s<j'<t} w_j'k) k_sk built in registers: for s in an earlier
+   sub-chunk the decay splits at this sub-chunk's start into two factors <= 1, one for t and one for
+   s, and each earlier sub-chunk's block is one matrix product; within the sub-chunk each pair gets
+   its own exponent (`wkv6_prefill_diagonal`). Until session 7 att went through memory: a kernel
+   with a program per 16 x 16 block of it, then this one per chunk (H100, one layer, 2,048 tokens:
+   205 -> 160 us for all three kernels; 64K 6.7 -> 5.4 ms).
 
 Exactness: w <= 0, so a sum of w's is always well conditioned; only the difference of two prefix
 sums (A_{t-1} - A_s) loses digits when they are large. Every exponent here is summed directly over
-the tokens it spans (scans over w shifted by one token, in float32) and never taken as a difference,
-which is as exact as the reference's float64 prefix sums, and never positive, so nothing overflows.
-Products accumulate in float32; matrix products use three-pass tf32 (about float32
-accuracy, on the tensor cores).
+the tokens it spans (scans over w shifted by one token, or products of w with 0/1 matrices, in
+float32 IEEE arithmetic) and never taken as a difference, which is as exact as the reference's
+float64 prefix sums, and never positive, so nothing overflows. Products accumulate in float32;
+matrix products of 16-bit inputs use one tf32 pass (`_precision`), of float32 inputs three.
 """
 from __future__ import annotations
 
@@ -37,78 +39,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .wkv6_checks import check_wkv_inputs
+from .wkv6_prefill_diagonal import diagonal_block_cube, diagonal_block_walk
 from .wkv6_plan import BT, ChunkPlan
 
 BC = 16  # sub-chunk: the blocks of the intra-chunk attention
 BD = 16  # key channels per step of a diagonal block's pairwise decays
-
-
-@triton.jit
-def wkv6_prefill_intra_fwd_kernel(
-    r_ptr, k_ptr, w_ptr, att_ptr, cu_ptr, chunk_indices_ptr,
-    stride_rt, stride_rh, stride_kt, stride_kh, stride_wt, stride_wh,
-    H: tl.constexpr, K: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    PRECISION: tl.constexpr, DIAG_PRODUCTS: tl.constexpr,
-):
-    i_c, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_i, i_j = i_p // (BT // BC), i_p % (BT // BC)
-    i_b = tl.load(chunk_indices_ptr + 2 * i_c)
-    i_t = tl.load(chunk_indices_ptr + 2 * i_c + 1).to(tl.int64)
-    bos = tl.load(cu_ptr + i_b).to(tl.int64)
-    eos = tl.load(cu_ptr + i_b + 1).to(tl.int64)
-    t0 = bos + i_t * BT
-    if (i_j > i_i) or (t0 + i_i * BC >= eos):  # above the diagonal, or past the sequence end
-        return
-
-    o_c = tl.arange(0, BC)
-    rows = t0 + i_i * BC + o_c
-    m_t = rows < eos
-    p_att = att_ptr + ((i_c.to(tl.int64) * H + i_h) * BT + i_i * BC + o_c[:, None]) * BT + i_j * BC + o_c[None, :]
-    if i_i > i_j:
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_r = tl.load(r_ptr + rows[:, None] * stride_rt + i_h * stride_rh + o_k[None, :], mask=m_tk, other=0.)
-        # w of the token before, within the sub-chunk: its scan is sum_{start_i <= j < t} w_j
-        b_wp = tl.load(w_ptr + (rows - 1)[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
-                       mask=m_tk & (o_c >= 1)[:, None], other=0.)
-        b_q = b_r.to(tl.float32) * tl.exp(tl.cumsum(b_wp.to(tl.float32), axis=0))
-        rows_j = t0 + i_j * BC + o_c  # sub-chunk j lies before sub-chunk i: all inside the sequence
-        b_k = tl.load(k_ptr + rows_j[:, None] * stride_kt + i_h * stride_kh + o_k[None, :],
-                      mask=m_k[None, :], other=0.)
-        # w of the token after, within the sub-chunk: its reversed scan is sum_{s < j <= end_j} w_j
-        b_wn = tl.load(w_ptr + (rows_j + 1)[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
-                       mask=m_k[None, :] & (o_c < BC - 1)[:, None], other=0.)
-        # the sub-chunks strictly between j and i
-        o_t = tl.arange(0, BT)
-        m_mid = (o_t >= (i_j + 1) * BC) & (o_t < i_i * BC)
-        b_wm = tl.load(w_ptr + (t0 + o_t)[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
-                       mask=m_mid[:, None] & m_k[None, :], other=0.)
-        b_after = tl.sum(b_wm.to(tl.float32), axis=0)[None, :] + tl.cumsum(b_wn.to(tl.float32), axis=0, reverse=True)
-        b_kd = b_k.to(tl.float32) * tl.exp(b_after)
-        b_att = tl.dot(b_q, tl.trans(b_kd), input_precision=PRECISION)
-    else:
-        # a diagonal block, BD key channels at a time as [t, s, BD]: the scan over t of the shifted
-        # w, restricted to t > s + 1, is sum_{s<j<t} w_j
-        m_ts = (o_c[:, None] > o_c[None, :])[:, :, None]
-        m_scan = (o_c[:, None] > o_c[None, :] + 1)[:, :, None]
-        b_att = tl.zeros([BC, BC], dtype=tl.float32)
-        for i_d in range(0, tl.cdiv(K, BD)):
-            o_d = i_d * BD + tl.arange(0, BD)
-            m_td = m_t[:, None] & (o_d < K)[None, :]
-            b_rd = tl.load(r_ptr + rows[:, None] * stride_rt + i_h * stride_rh + o_d[None, :], mask=m_td, other=0.)
-            b_kd = tl.load(k_ptr + rows[:, None] * stride_kt + i_h * stride_kh + o_d[None, :], mask=m_td, other=0.)
-            b_wpd = tl.load(w_ptr + (rows - 1)[:, None] * stride_wt + i_h * stride_wh + o_d[None, :],
-                            mask=m_td & (o_c >= 1)[:, None], other=0.)
-            if DIAG_PRODUCTS:  # exp(sum) as a running product of exp(w): BC x fewer exponentials
-                b_ewd = tl.exp(b_wpd.to(tl.float32))
-                b_e = tl.where(m_ts, tl.cumprod(tl.where(m_scan, b_ewd[:, None, :], 1.), axis=0), 0.)
-            else:
-                b_between = tl.cumsum(tl.where(m_scan, b_wpd.to(tl.float32)[:, None, :], 0.), axis=0)
-                b_e = tl.where(m_ts, tl.exp(b_between), 0.)
-            b_att += tl.sum(b_rd.to(tl.float32)[:, None, :] * b_e * b_kd.to(tl.float32)[None, :, :], axis=2)
-    tl.store(p_att, b_att, mask=m_t[:, None])
 
 
 @triton.jit
@@ -190,41 +125,67 @@ def wkv6_prefill_scan_fwd_kernel(
 
 @triton.jit
 def wkv6_prefill_fwd_kernel(
-    r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, h_ptr, att_ptr, cu_ptr, chunk_indices_ptr,
+    r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, h_ptr, cu_ptr, chunk_indices_ptr,
     stride_rt, stride_rh, stride_kt, stride_kh, stride_wt, stride_wh, stride_vt, stride_vh,
     stride_yt, stride_yh,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+    PRECISION: tl.constexpr, DIAG_PRODUCTS: tl.constexpr, DIAG_WALK: tl.constexpr,
 ):
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_h, i_i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = tl.load(chunk_indices_ptr + 2 * i_c)
     i_t = tl.load(chunk_indices_ptr + 2 * i_c + 1).to(tl.int64)
     bos = tl.load(cu_ptr + i_b).to(tl.int64)
     eos = tl.load(cu_ptr + i_b + 1).to(tl.int64)
-    o_t = tl.arange(0, BT)
-    rows = bos + i_t * BT + o_t
+    t0 = bos + i_t * BT
+    start = t0 + i_i * BC  # this program's sub-chunk: tokens start .. start + BC
+    if start >= eos:
+        return
+    o_c = tl.arange(0, BC)
+    rows = start + o_c
     m_t = rows < eos
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
 
     b_r = tl.load(r_ptr + rows[:, None] * stride_rt + i_h * stride_rh + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-    # w of the token before, within the chunk: its scan is sum_{chunk start <= j < t} w_j
+    # w of the token before, within the sub-chunk: its scan is sum_{start <= j < t} w_j
     b_wp = tl.load(w_ptr + (rows - 1)[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
-                   mask=m_tk & (o_t >= 1)[:, None], other=0.)
-    b_q = b_r * tl.exp(tl.cumsum(b_wp.to(tl.float32), axis=0))
+                   mask=m_tk & (o_c >= 1)[:, None], other=0.)
+    b_q = b_r * tl.exp(tl.cumsum(b_wp.to(tl.float32), axis=0))  # r_t decayed back to `start`
+    # the earlier sub-chunks of the chunk, nearest first (all inside the sequence: they precede
+    # `start`): att[t, s] = q_t . k_s exp(sum_{s<j<start} w_j), the exponent the sum of the w after s
+    # within its sub-chunk plus the sum of the whole sub-chunks between (direct sums, <= 0)
+    sel_after = (o_c[None, :] > o_c[:, None]).to(tl.float32)  # [s, j]: j after s
+    b_between = tl.zeros([BK], dtype=tl.float32)
+    b_y = tl.zeros([BC, BV], dtype=tl.float32)
+    for jj in range(0, i_i):
+        rows_j = start - (jj + 1) * BC + o_c
+        b_wj = tl.load(w_ptr + rows_j[:, None] * stride_wt + i_h * stride_wh + o_k[None, :],
+                       mask=m_k[None, :], other=0.).to(tl.float32)
+        b_kj = tl.load(k_ptr + rows_j[:, None] * stride_kt + i_h * stride_kh + o_k[None, :],
+                       mask=m_k[None, :], other=0.).to(tl.float32)
+        b_vj = tl.load(v_ptr + rows_j[:, None] * stride_vt + i_h * stride_vh + o_v[None, :],
+                       mask=m_v[None, :], other=0.).to(tl.float32)
+        b_ek = tl.dot(sel_after, b_wj, input_precision="ieee") + b_between[None, :]
+        b_att = tl.dot(b_q, tl.trans(b_kj * tl.exp(b_ek)), input_precision=PRECISION)
+        b_y += tl.dot(b_att, b_vj, input_precision=PRECISION)
+        b_between += tl.sum(b_wj, axis=0)
+    # the state at the chunk start, read by r_t decayed back to it: two factors <= 1 (b_between now
+    # sums the whole chunk before `start`)
     b_h = tl.load(h_ptr + (i_c.to(tl.int64) * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :],
                   mask=m_k[:, None] & m_v[None, :], other=0.)
-    b_y = tl.dot(b_q, b_h, input_precision=PRECISION)
-
-    b_att = tl.load(att_ptr + ((i_c.to(tl.int64) * H + i_h) * BT + o_t[:, None]) * BT + o_t[None, :],
-                    mask=(o_t[:, None] > o_t[None, :]) & m_t[:, None], other=0.)
+    b_y += tl.dot(b_q * tl.exp(b_between)[None, :], b_h, input_precision=PRECISION)
     b_v = tl.load(v_ptr + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-    b_y += tl.dot(b_att, b_v, input_precision=PRECISION)
-
+    if DIAG_WALK:
+        b_att_d = diagonal_block_walk(r_ptr, k_ptr, w_ptr, start, eos, i_h, stride_rt, stride_rh, stride_kt,
+                                      stride_kh, stride_wt, stride_wh, K, BC, BK)
+    else:
+        b_att_d = diagonal_block_cube(r_ptr, k_ptr, w_ptr, rows, m_t, i_h, stride_rt, stride_rh, stride_kt,
+                                      stride_kh, stride_wt, stride_wh, K, BC, BD, DIAG_PRODUCTS)
+    b_y += tl.dot(b_att_d, b_v, input_precision=PRECISION)
     # the current token's bonus
     b_k = tl.load(k_ptr + rows[:, None] * stride_kt + i_h * stride_kh + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
     b_u = tl.load(u_ptr + i_h * K + o_k, mask=m_k, other=0.).to(tl.float32)
@@ -235,11 +196,16 @@ def wkv6_prefill_fwd_kernel(
 @dataclass(frozen=True)
 class PrefillTuning:
     """Launch choices of the prefill kernels that do not change what they compute beyond rounding
-    (`bench_wkv6.py --sections variants` sweeps them)."""
+    (`bench_wkv6.py --sections variants` sweeps them; defaults: the fastest on an H100, session 7)."""
 
     precision: str | None = None  # matrix-unit precision of the products; None: `_precision(dtype)`
-    diag_channels: int = BD  # key channels per step of a diagonal block
-    diag_products: bool = True  # diagonal-block decays as running products of exp(w) (H100: 3% faster)
+    diag_walk: bool = True  # diagonal blocks row by row (`wkv6_prefill_diagonal`), else as [t, s, BD]
+    diag_channels: int = BD  # key channels per step of a [t, s, BD] diagonal block
+    diag_products: bool = True  # its decays as running products of exp(w) (H100: 3% faster)
+    # warps of the output kernel (its programs are small and serial: one warp was 1.4x faster than
+    # four at 2,048 tokens) and of the chunk-state kernel
+    num_warps: int = 1
+    chunk_warps: int = 4
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -290,26 +256,21 @@ def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens
     h = torch.empty((max(NT, 1), H, K, V), dtype=torch.float32, device=r.device)
     decay = torch.empty((max(NT, 1), H, K), dtype=torch.float32, device=r.device)
     if NT:
-        att = torch.empty((NT, H, BT, BT), dtype=torch.float32, device=r.device)
-        wkv6_prefill_intra_fwd_kernel[(NT, H, (BT // BC) ** 2)](
-            r, k, w, att, cu_seqlens, chunk_indices,
-            r.stride(0), r.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
-            H=H, K=K, BT=BT, BC=BC, BK=BK, BD=min(BK, tuning.diag_channels), PRECISION=precision,
-            DIAG_PRODUCTS=tuning.diag_products, num_warps=4)
         wkv6_prefill_chunk_fwd_kernel[(NT, H, -(-V // BV))](
             k, v, w, h, decay, cu_seqlens, chunk_indices,
             k.stride(0), k.stride(1), w.stride(0), w.stride(1), v.stride(0), v.stride(1),
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, num_warps=8)
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, num_warps=tuning.chunk_warps)
     BKS = min(BK, 8)  # the scan only streams: many narrow programs
     wkv6_prefill_scan_fwd_kernel[(B * H, -(-K // BKS))](
         h, decay, state_pool, slots, cu_seqlens, chunk_offsets, state_pool.stride(0), state_pool.stride(1),
         H=H, K=K, V=V, BT=BT, BK=BKS, BV=BVf, num_warps=2)
     if NT:
-        wkv6_prefill_fwd_kernel[(NT, H, -(-V // BV))](
-            r, k, v, w, u, y, h, att, cu_seqlens, chunk_indices,
+        wkv6_prefill_fwd_kernel[(NT, H, BT // BC)](
+            r, k, v, w, u, y, h, cu_seqlens, chunk_indices,
             r.stride(0), r.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
             v.stride(0), v.stride(1), y.stride(0), y.stride(1),
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision, num_warps=8)
+            H=H, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BVf, BD=min(BK, tuning.diag_channels), PRECISION=precision,
+            DIAG_PRODUCTS=tuning.diag_products, DIAG_WALK=tuning.diag_walk, num_warps=tuning.num_warps)
     return y
 
 

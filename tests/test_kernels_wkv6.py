@@ -110,9 +110,12 @@ def test_prefill_matches_recurrence(lens, slots, dtype, decay, u_zero):
     _check_prefill(lens, slots, 2, 16, 16, dtype, seed=sum(lens), decay=decay, u_zero=u_zero)
 
 
-# every launch choice computes the same thing (up to rounding): running products of exp(w) on the
-# diagonal blocks, and several key-channel widths per step there
-TUNINGS = [dict(diag_products=False), dict(diag_channels=4), dict(diag_channels=8, diag_products=False)]
+# every launch choice computes the same thing (up to rounding): diagonal blocks row by row (the
+# default) or as [t, s, channels] tiles (running products of exp(w) or exponentials of sums, several
+# channel widths), and other warp counts
+CUBE = dict(diag_walk=False)
+TUNINGS = [CUBE, dict(CUBE, diag_products=False), dict(CUBE, diag_channels=4),
+           dict(CUBE, diag_channels=8, diag_products=False), dict(num_warps=4, chunk_warps=8)]
 
 
 @pytest.mark.parametrize("tuning", TUNINGS, ids=str)
@@ -303,11 +306,11 @@ def test_gpu_prefill_real_shape(dtype, decay):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tuning", [dict(diag_products=False), dict(diag_channels=8, diag_products=False),
-                                    dict(precision="tf32x3")], ids=str)
+@pytest.mark.parametrize("tuning", [CUBE, dict(CUBE, diag_products=False), dict(CUBE, diag_channels=8, diag_products=False),
+                                    dict(precision="tf32x3"), dict(num_warps=4, chunk_warps=8)], ids=str)
 def test_gpu_prefill_tunings_real_shape(dtype, tuning):
-    """The other launch choices (the default is products over 16 channels, one tf32 pass for 16-bit
-    inputs and three for float32)."""
+    """The other launch choices (the default walks the diagonal blocks row by row with one warp a
+    program, one tf32 pass for 16-bit inputs and three for float32)."""
     _check_prefill([1, 17, 64, 300, 1000, 2], [9, 3, 0, 12, 5, 7], 32, 64, 64, dtype, seed=7, decay="strong",
                    tuning=_prefill_mod.PrefillTuning(**tuning))
 
