@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.dispatch import finch_mix
 from kernels.gold_kv_derive_reference import GoldKVDeriveWeights
 
 from .config import TMIX_FINCH, ModelConfig
@@ -73,24 +74,40 @@ def linear(x: Tensor, w: LayerWeights, name: str) -> Tensor:
     return F.linear(x, w[f"{name}.weight"])
 
 
-def finch_mixes(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig) -> dict[str, Tensor]:
+MIX_NAMES = {TMIX_FINCH: ("w", "k", "v", "r", "g")}  # x060; x060c2 (every other kind): MIX_NAMES_C2
+MIX_NAMES_C2 = ("r", "k", "v", "w", "v2")
+MIX_STACKED = "att.time_maa_stacked"  # [n_mix, C]: the mixes' time_maa_* vectors (`stack_mix_vectors`)
+
+
+def mix_names(cfg: ModelConfig) -> tuple[str, ...]:
+    return MIX_NAMES.get(cfg.tmix, MIX_NAMES_C2)
+
+
+def stack_mix_vectors(w: LayerWeights, cfg: ModelConfig) -> None:
+    """Keeps a Finch block's mix vectors stacked as MIX_STACKED (one tensor for `kernels.finch_mix`)."""
+    w._w[MIX_STACKED] = torch.stack([w[f"att.time_maa_{n}"] for n in mix_names(cfg)])
+
+
+def finch_mixes(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig, shifted: bool = False) -> dict[str, Tensor]:
     """The token-shift mixes of a Finch time mix, one [N, C] input per projection, by its short name
-    (w, k, v, r and g in x060; r, k, v, w and v2 in x060c2)."""
-    dx = prev - x
-    xxx = x + dx * w["att.time_maa_x"]
-    n_mix = w["att.time_maa_w2"].shape[0]
-    mix = torch.tanh(xxx @ w["att.time_maa_w1"]).view(x.shape[0], n_mix, -1).transpose(0, 1)
-    mix = torch.bmm(mix, w["att.time_maa_w2"])  # [n_mix, N, C]
-    names = ("w", "k", "v", "r", "g") if cfg.tmix == TMIX_FINCH else ("r", "k", "v", "w", "v2")
-    return {n: x + dx * (w[f"att.time_maa_{n}"] + m) for n, m in zip(names, mix.unbind(0))}
+    (w, k, v, r and g in x060; r, k, v, w and v2 in x060c2). prev: each row's previous row [N, C], or
+    with `shifted` the row before the first of x's rows, which are one sequence ([1, C]). The LoRA's
+    second product and the mixing are one call (`kernels.dispatch.finch_mix`: a Triton kernel on CUDA)."""
+    full_prev = token_shift(x, prev) if shifted else prev
+    xxx = x + (full_prev - x) * w["att.time_maa_x"]
+    names = mix_names(cfg)
+    h = torch.tanh(xxx @ w["att.time_maa_w1"])
+    maa = w[MIX_STACKED] if MIX_STACKED in w else torch.stack([w[f"att.time_maa_{n}"] for n in names])
+    mixed = finch_mix(x, prev, h, w["att.time_maa_w2"], maa, shifted)
+    return dict(zip(names, mixed.unbind(0)))
 
 
-def finch_tmix_projections(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig):
-    """Everything of a Finch time mix before the WKV recurrence.
+def finch_tmix_projections(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig, shifted: bool = False):
+    """Everything of a Finch time mix before the WKV recurrence (`prev`, `shifted`: as `finch_mixes`).
 
     Returns r, k, v, log-decay w (float32, `-exp(w_raw)`), u, and the extra of each variant:
     the gate (x060) or v2 (x060c2), all [N, dim_att]."""
-    xs = finch_mixes(x, prev, w, cfg)
+    xs = finch_mixes(x, prev, w, cfg, shifted)
     r = linear(xs["r"], w, "att.receptance")
     k = linear(xs["k"], w, "att.key")
     v = linear(xs["v"], w, "att.value")
@@ -265,7 +282,7 @@ def token_shift(x: Tensor, carried: Tensor) -> Tensor:
 
 
 def finch_tmix_projections_shifted(x: Tensor, carried: Tensor, w: LayerWeights, cfg: ModelConfig):
-    return finch_tmix_projections(x, token_shift(x, carried), w, cfg)
+    return finch_tmix_projections(x, carried, w, cfg, shifted=True)
 
 
 def channel_mix_residual_shifted(x: Tensor, xf: Tensor, carried: Tensor, w: LayerWeights) -> Tensor:

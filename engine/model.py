@@ -37,6 +37,8 @@ class GoldFinchModel(GoldLayers):
         self.device = w["emb.weight"].device
         self.blocks = [L.LayerWeights(w, f"blocks.{i}.") for i in range(self.config.n_layer)]
         self._stack_projections(w)
+        for block in self.blocks[: self.config.gold_start]:
+            L.stack_mix_vectors(block, self.config)
         self.emb, self.head = w["emb.weight"], w["head.weight"]
         self.ln0 = (w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"])
         self.ln_out = (w["ln_out.weight"], w["ln_out.bias"])

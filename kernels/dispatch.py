@@ -1,5 +1,5 @@
 """Which implementation runs (WKV6, paged decode attention, GOLD key/value derivation, prompt-tail
-attention): the Triton kernels on CUDA tensors, the
+attention, Finch token-shift mixes): the Triton kernels on CUDA tensors, the
 PyTorch reference elsewhere.
 
 Set `GOLDFINCH_KERNELS=reference` to force the reference on CUDA as well (debugging, A/B checks).
@@ -14,6 +14,7 @@ import os
 import torch
 from torch import Tensor
 
+from .finch_mix_reference import finch_mix_reference
 from .gold_kv_derive_reference import GoldKVDeriveWeights, gold_kv_derive_reference
 from .paged_attention_reference import paged_decode_attention_reference
 from .tail_attention_reference import tail_attention_reference
@@ -129,3 +130,22 @@ def tail_attention(q: Tensor, keys: Tensor, values: Tensor, q_positions: Tensor)
         if q.shape[0] <= MAX_QUERIES:
             return split_key_attention(q, keys, values, q_positions)
     return tail_attention_reference(q, keys, values, q_positions)
+
+
+# A custom op, so that `torch.compile` (the layer functions of `engine.layer_ops`) treats the kernel
+# as one opaque call with a known output shape and fuses what is around it
+@torch.library.custom_op("goldfinch::finch_mix", mutates_args=())
+def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted: bool) -> Tensor:
+    """A Finch time mix's n_mix mixed inputs [n_mix, N, C]: x [N, C]; prev [N, C] (each row's
+    previous row), or with `shifted` [1, C] (x is one sequence); h [N, n_mix * R]; w2 [n_mix, R, C];
+    maa [n_mix, C]. See `kernels.finch_mix_reference`."""
+    if use_triton(x):
+        from .finch_mix import finch_mix as fused
+
+        return fused(x, prev, h, w2, maa, shifted)
+    return finch_mix_reference(x, prev, h, w2, maa, shifted)
+
+
+@finch_mix.register_fake
+def _finch_mix_shape(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted: bool) -> Tensor:
+    return x.new_empty((w2.shape[0], *x.shape))
