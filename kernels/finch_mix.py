@@ -72,7 +72,12 @@ def _check(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted:
             raise ValueError(f"{name}: expected {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
 
 
-def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted: bool) -> Tensor:
+# rows and channels per program, warps: untuned beyond a first sweep (`bench_finch_mix.py --tiles`)
+TILES = (64, 128, 4)
+
+
+def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted: bool,
+              tiles: tuple[int, int, int] = TILES) -> Tensor:
     """The n_mix mixed inputs [n_mix, N, C] (contiguous, x's dtype). x: [N, C]; prev: [N, C], or
     [1, C] with `shifted` (x is one sequence; row t's previous row is x[t - 1]); h: [N, n_mix * R];
     w2: [n_mix, R, C]; maa: [n_mix, C]. See `kernels.finch_mix_reference`."""
@@ -84,9 +89,10 @@ def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shift
         return out
     x, prev, h = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, prev, h))
     w2, maa = w2.contiguous(), maa.contiguous()
-    BM, BC = 64, min(128, triton.next_power_of_2(C))
+    BM, BC, warps = tiles
+    BC = min(BC, triton.next_power_of_2(C))
     finch_mix_fwd_kernel[(triton.cdiv(N, BM), triton.cdiv(C, BC))](
         x, prev, h, w2, maa, out, N, C, x.stride(0), prev.stride(0), h.stride(0),
         N_MIX=n_mix, R=R, BR=max(16, triton.next_power_of_2(R)), BM=BM, BC=BC, SHIFTED=shifted,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
     return out
