@@ -81,7 +81,7 @@ def finch_tmix_in_stacked(x: Tensor, prev_xa: Tensor, w: L.LayerWeights, merged:
     decay/value2 LoRAs); returns (xa, r, k, v, log_decay, u, extra), r/k/v possibly strided views
     with contiguous rows."""
     xa = L.layer_norm(x, w, "ln1")
-    xs = L.finch_mixes(xa, prev_xa, w, cfg)
+    xs = L.finch_mixes(xa, prev_xa, w, cfg, fused=False)
     A = cfg.dim_att
     blocks = [((xs["r"],), (0, A)), ((xs["k"],), (A, 2 * A))]
     if cfg.tmix == TMIX_FINCH:
