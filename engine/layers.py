@@ -97,13 +97,14 @@ def finch_mixes(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig, shif
     `fused`: the LoRA's second product and the mixing as one call (`kernels.dispatch.finch_mix`, a
     Triton kernel on CUDA: H100, 1.5B shape, engine prefill 2.5-3% faster); else a batched matmul and
     a pass that `torch.compile` fuses, which a decode step keeps (its few rows: batch 1 at 4K,
-    2.54-2.57 ms a step this way, 2.61 ms fused)."""
+    2.54-2.57 ms a step this way, 2.61 ms fused), as does anything computing gradients."""
     full_prev = token_shift(x, prev) if shifted else prev
     dx = full_prev - x
     xxx = x + dx * w["att.time_maa_x"]
     names = mix_names(cfg)
     h = torch.tanh(xxx @ w["att.time_maa_w1"])
-    if not fused:
+    # the op has no backward: anything computing gradients (tools/train_forward.py) takes PyTorch's
+    if not fused or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, prev, h))):
         mix = torch.bmm(h.view(x.shape[0], len(names), -1).transpose(0, 1), w["att.time_maa_w2"])  # [n_mix, N, C]
         return {n: x + dx * (w[f"att.time_maa_{n}"] + m) for n, m in zip(names, mix.unbind(0))}
     maa = w[MIX_STACKED] if MIX_STACKED in w else torch.stack([w[f"att.time_maa_{n}"] for n in names])
