@@ -60,7 +60,7 @@ def bench(rows: list[int], tiles: list[tuple[int, int, int]], gbps: float) -> li
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="2048,16384,65536")
-    ap.add_argument("--tiles", default="x".join(map(str, TILES)) + ",32x128x4,64x64x4,128x64x8,64x128x8",
+    ap.add_argument("--tiles", default="x".join(map(str, TILES)) + ",64x128x4,64x64x4,128x64x8,64x128x8",
                     help="BMxBCxWARPS, comma-separated; the first is the default")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
