@@ -2,10 +2,10 @@
 
 Why: PyTorch computes the LoRA's second product as a batched matmul that writes [n_mix, N, C] and a
 second pass that reads it back with x and its shifted rows to write the n_mix mixed inputs: at the
-1.5B shape, per layer and 2,048-token chunk, a 17.6 us product and a 38 us pass on an H100 (profile of an engine prefill; this kernel: 30 us). Here
-each program owns a [BM, BC] tile of rows and channels, loads x and the previous rows once, and for
-each mix does the rank-R product on the matrix units (float32 accumulation) and stores the mixed
-input: one read of x, one write per mix.
+1.5B shape, per layer and 2,048-token chunk, a 17.6 us product and a 38 us pass on an H100 (profile
+of an engine prefill; this kernel: 30 us). Here each program owns a [BM, BC] tile of rows and
+channels, loads x and the previous rows once, and for each mix does the rank-R product on the matrix
+units (float32 accumulation) and stores the mixed input: one read of x, one write per mix.
 
 `finch_mix_fwd_kernel`, grid (cdiv(N, BM), cdiv(C, BC)).
 """
