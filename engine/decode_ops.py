@@ -117,3 +117,53 @@ def channel_mix_residual_stacked(x: Tensor, xf: Tensor, prev: Tensor, w: L.Layer
     Fd = cfg.dim_ffn
     k, r = stacked_products([((xk,), (0, Fd)), ((xr,), (Fd, Fd + cfg.n_embd))], w[L.CMIX_STACKED])
     return x + torch.sigmoid(r) * L.linear(torch.relu(k) ** 2, w, "ffn.value")
+
+
+# ---- the new tokens' GOLD keys and values, every layer at once -----------------------------------
+@dataclass(frozen=True)
+class GoldKVWeights:
+    """What `layers.gold_keys_values_rows` reads, of every GOLD layer, stacked along a leading layer
+    axis (n) and, where keys and values have one weight each, a kind axis (key, value). Copies: they
+    are LoRA-sized."""
+
+    maa_v_cache: Tensor  # [n, 1, C]
+    maa_w1: Tensor  # [n, C, n_mix * r]: time_maa_kv_w1
+    maa_w2: Tensor  # [n, n_mix, r, C]: time_maa_kv_w2 (mixes of the key, then the value)
+    maa_kv: Tensor  # [n, 2, 1, C]: time_maa_k, time_maa_v
+    lora_w1: Tensor  # [n, 2, C, R]: time_key_w1, time_value_w1
+    lora_w2: Tensor  # [n, 2, R, C]: time_key_w2, time_value_w2
+    ln_weight: Tensor  # [n, 2, 1, C]: ln_k, ln_v
+    ln_bias: Tensor  # [n, 2, 1, C]
+
+    @classmethod
+    def stack(cls, blocks: list[L.LayerWeights]) -> "GoldKVWeights":
+        def layers(name: str) -> Tensor:
+            return torch.stack([w[name] for w in blocks])
+
+        def kinds(key_name: str, value_name: str) -> Tensor:
+            return torch.stack([layers(key_name), layers(value_name)], dim=1)
+
+        vector = lambda t: t[..., None, :]  # noqa: E731  [.., C] -> [.., 1, C], broadcast over rows
+        return cls(maa_v_cache=vector(layers("att.time_maa_v_cache")), maa_w1=layers("att.time_maa_kv_w1"),
+                   maa_w2=layers("att.time_maa_kv_w2"), maa_kv=vector(kinds("att.time_maa_k", "att.time_maa_v")),
+                   lora_w1=kinds("att.time_key_w1", "att.time_value_w1"),
+                   lora_w2=kinds("att.time_key_w2", "att.time_value_w2"),
+                   ln_weight=vector(kinds("att.ln_k.weight", "att.ln_v.weight")),
+                   ln_bias=vector(kinds("att.ln_k.bias", "att.ln_v.bias")))
+
+
+def gold_keys_values_rows_all_layers(k: Tensor, k_prev: Tensor, xo: Tensor, xo_prev: Tensor,
+                                     w: GoldKVWeights) -> tuple[Tensor, Tensor]:
+    """`layers.gold_keys_values_rows` of every GOLD layer at once (the decode step derives its new
+    tokens' keys and values this way): the inputs ([N, C] each) are the same for all layers, only the
+    weights differ, so each step of it is one batched product or one pointwise pass over [n, 2, N, C]
+    (n layers, keys and values). Returns keys and values [n, N, C]."""
+    n, N, C = w.maa_w1.shape[0], xo.shape[0], xo.shape[-1]
+    dxo = xo_prev - xo
+    xxx = xo + dxo * w.maa_v_cache  # [n, N, C]
+    mix = torch.tanh(torch.matmul(xxx, w.maa_w1)).view(n, N, w.maa_w2.shape[1], -1).transpose(1, 2)
+    mixes = torch.matmul(mix, w.maa_w2)  # [n, 2, N, C]: the key's and the value's
+    kv = torch.stack([k, xo]) + torch.stack([k_prev - k, dxo]) * (w.maa_kv + mixes)
+    kv = kv + torch.matmul(torch.tanh(torch.matmul(kv, w.lora_w1)), w.lora_w2)
+    kv = F.layer_norm(kv, (C,)) * w.ln_weight + w.ln_bias
+    return kv[:, 0], kv[:, 1]

@@ -24,7 +24,7 @@ from kernels.dispatch import paged_attention, wkv_decode
 
 from . import layers as L
 from .config import TMIX_FINCH
-from .decode_ops import DecayValue2Lora
+from .decode_ops import DecayValue2Lora, GoldKVWeights
 from .kv_pool import PagedKeyCache
 from .kv_working_set import PagedKVPool
 from .state import RNNStatePool
@@ -69,7 +69,7 @@ class DecodeStep:
     def __init__(self, model, rnn: RNNStatePool, key_cache: PagedKeyCache, kv_pool: PagedKVPool) -> None:
         self.model, self.rnn, self.key_cache, self.kv_pool = model, rnn, key_cache, kv_pool
         cfg = model.config
-        self.gold_kv_weights = L.GoldKVWeights.stack([model.blocks[i] for i in range(cfg.gold_start, cfg.n_layer)])
+        self.gold_kv_weights = GoldKVWeights.stack([model.blocks[i] for i in range(cfg.gold_start, cfg.n_layer)])
         merge = cfg.tmix != TMIX_FINCH and cfg.use_v2
         self.decay_value2_loras = [DecayValue2Lora.merge(model.blocks[i]) if merge else None
                                    for i in range(cfg.n_finch)]

@@ -5,8 +5,6 @@ passes each row's previous row (`prev`): the carried state for a sequence's firs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -204,54 +202,6 @@ def gold_kv_derive_weights(w: LayerWeights) -> GoldKVDeriveWeights:
         key_w2=w["att.time_key_w2"], value_w1=w["att.time_value_w1"], value_w2=w["att.time_value_w2"],
         ln_k_weight=w["att.ln_k.weight"], ln_k_bias=w["att.ln_k.bias"], ln_v_weight=w["att.ln_v.weight"],
         ln_v_bias=w["att.ln_v.bias"])
-
-
-@dataclass(frozen=True)
-class GoldKVWeights:
-    """What `gold_keys_values_rows` reads, of every GOLD layer, stacked along a leading layer axis
-    (n) and, where keys and values have one weight each, a kind axis (key, value). Copies: they are
-    LoRA-sized."""
-
-    maa_v_cache: Tensor  # [n, 1, C]
-    maa_w1: Tensor  # [n, C, n_mix * r]: time_maa_kv_w1
-    maa_w2: Tensor  # [n, n_mix, r, C]: time_maa_kv_w2 (mixes of the key, then the value)
-    maa_kv: Tensor  # [n, 2, 1, C]: time_maa_k, time_maa_v
-    lora_w1: Tensor  # [n, 2, C, R]: time_key_w1, time_value_w1
-    lora_w2: Tensor  # [n, 2, R, C]: time_key_w2, time_value_w2
-    ln_weight: Tensor  # [n, 2, 1, C]: ln_k, ln_v
-    ln_bias: Tensor  # [n, 2, 1, C]
-
-    @classmethod
-    def stack(cls, blocks: list[LayerWeights]) -> "GoldKVWeights":
-        def layers(name: str) -> Tensor:
-            return torch.stack([w[name] for w in blocks])
-
-        def kinds(key_name: str, value_name: str) -> Tensor:
-            return torch.stack([layers(key_name), layers(value_name)], dim=1)
-
-        vector = lambda t: t[..., None, :]  # noqa: E731  [.., C] -> [.., 1, C], broadcast over rows
-        return cls(maa_v_cache=vector(layers("att.time_maa_v_cache")), maa_w1=layers("att.time_maa_kv_w1"),
-                   maa_w2=layers("att.time_maa_kv_w2"), maa_kv=vector(kinds("att.time_maa_k", "att.time_maa_v")),
-                   lora_w1=kinds("att.time_key_w1", "att.time_value_w1"),
-                   lora_w2=kinds("att.time_key_w2", "att.time_value_w2"),
-                   ln_weight=vector(kinds("att.ln_k.weight", "att.ln_v.weight")),
-                   ln_bias=vector(kinds("att.ln_k.bias", "att.ln_v.bias")))
-
-
-def gold_keys_values_rows_all_layers(k: Tensor, k_prev: Tensor, xo: Tensor, xo_prev: Tensor,
-                                     w: GoldKVWeights) -> tuple[Tensor, Tensor]:
-    """`gold_keys_values_rows` of every GOLD layer at once: the inputs ([N, C] each) are the same for
-    all layers, only the weights differ, so each step of it is one batched product or one pointwise
-    pass over [n, 2, N, C] (n layers, keys and values). Returns keys and values [n, N, C]."""
-    n, N, C = w.maa_w1.shape[0], xo.shape[0], xo.shape[-1]
-    dxo = xo_prev - xo
-    xxx = xo + dxo * w.maa_v_cache  # [n, N, C]
-    mix = torch.tanh(torch.matmul(xxx, w.maa_w1)).view(n, N, w.maa_w2.shape[1], -1).transpose(1, 2)
-    mixes = torch.matmul(mix, w.maa_w2)  # [n, 2, N, C]: the key's and the value's
-    kv = torch.stack([k, xo]) + torch.stack([k_prev - k, dxo]) * (w.maa_kv + mixes)
-    kv = kv + torch.matmul(torch.tanh(torch.matmul(kv, w.lora_w1)), w.lora_w2)
-    kv = F.layer_norm(kv, (C,)) * w.ln_weight + w.ln_bias
-    return kv[:, 0], kv[:, 1]
 
 
 def rotary(x: Tensor, positions: Tensor, theta: float, rescale: float) -> Tensor:

@@ -45,7 +45,7 @@ def test_all_layers_keys_values_equal_per_layer(case, B):
     cfg = model.config
     gold = [model.blocks[i] for i in range(cfg.gold_start, cfg.n_layer)]
     k, k_prev, xo, xo_prev = (L.rms_norm(rows(B, cfg.n_embd, seed)) for seed in range(4))
-    keys, values = L.gold_keys_values_rows_all_layers(k, k_prev, xo, xo_prev, L.GoldKVWeights.stack(gold))
+    keys, values = D.gold_keys_values_rows_all_layers(k, k_prev, xo, xo_prev, D.GoldKVWeights.stack(gold))
     assert keys.shape == values.shape == (cfg.n_gold, B, cfg.dim_att)
     for j, w in enumerate(gold):
         keys_j, values_j = L.gold_keys_values_rows(k, k_prev, xo, xo_prev, w)
