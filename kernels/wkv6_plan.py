@@ -1,6 +1,7 @@
-"""Chunk tables of the WKV6 prefill kernels built ahead of a launch (`ChunkPlan`), so that a step
-replayed from a CUDA graph needs nothing built or copied from the host. No Triton here: the
-PyTorch reference (`kernels.dispatch`) takes a plan too.
+"""Chunk tables of the WKV6 prefill kernels: built ahead of a launch (`ChunkPlan`), so that a step
+replayed from a CUDA graph needs nothing built or copied from the host, or for one launch of
+packed sequences (`chunk_tables`). No Triton here: the PyTorch reference (`kernels.dispatch`) takes
+a plan too.
 """
 from __future__ import annotations
 
@@ -41,3 +42,23 @@ class ChunkPlan:
         if not 0 < length <= self.rows:
             raise ValueError(f"length: must be in [1, {self.rows}], got {length}")
         self.cu_seqlens[1:].fill_(length)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Through pinned memory, queued: a pageable copy would wait for every kernel queued before it
+    (three per layer stalled a short prefill on the host)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def chunk_tables(lens: list[int], device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """The tables of B packed sequences of `lens` tokens, built on the host for one launch:
+    chunk_offsets [B + 1] (each sequence's first chunk), chunk_indices [NT, 2] (sequence, chunk
+    within it), and NT."""
+    n_chunks = torch.tensor([(n + BT - 1) // BT for n in lens], dtype=torch.int64)
+    chunk_offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    torch.cumsum(n_chunks, 0, out=chunk_offsets[1:])
+    NT = int(chunk_offsets[-1])
+    seq = torch.repeat_interleave(torch.arange(len(lens)), n_chunks)
+    within = torch.arange(NT) - chunk_offsets[:-1].repeat_interleave(n_chunks)
+    chunk_indices = torch.stack([seq, within], 1).to(torch.int32)
+    return to_device(chunk_offsets.to(torch.int32), device), to_device(chunk_indices, device), NT

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .wkv6_checks import check_wkv_inputs
 from .wkv6_prefill_diagonal import diagonal_block_cube, diagonal_block_walk
-from .wkv6_plan import BT, ChunkPlan
+from .wkv6_plan import BT, ChunkPlan, chunk_tables, to_device
 
 BC = 16  # sub-chunk: the blocks of the intra-chunk attention
 BD = 16  # key channels per step of a diagonal block's pairwise decays
@@ -217,23 +217,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Through pinned memory, queued: a pageable copy would wait for every kernel queued before it
-    (three per layer stalled a short prefill on the host)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def _chunk_tables(lens: list[int], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    n_chunks = torch.tensor([(n + BT - 1) // BT for n in lens], dtype=torch.int64)
-    chunk_offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)
-    torch.cumsum(n_chunks, 0, out=chunk_offsets[1:])
-    NT = int(chunk_offsets[-1])
-    seq = torch.repeat_interleave(torch.arange(len(lens)), n_chunks)
-    within = torch.arange(NT) - chunk_offsets[:-1].repeat_interleave(n_chunks)
-    chunk_indices = torch.stack([seq, within], 1).to(torch.int32)
-    return _to_device(chunk_offsets.to(torch.int32), device), _to_device(chunk_indices, device), NT
-
-
 def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens: list[int],
                      cu_seqlens: Tensor, state_pool: Tensor, slots: Tensor,
                      tuning: PrefillTuning = PrefillTuning(), plan: ChunkPlan | None = None) -> Tensor:
@@ -246,7 +229,7 @@ def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens
         y = torch.empty((T, H, V), dtype=r.dtype, device=r.device)
         if B == 0:
             return y
-        chunk_offsets, chunk_indices, NT = _chunk_tables(lens, r.device)
+        chunk_offsets, chunk_indices, NT = chunk_tables(lens, r.device)
     else:  # rows past the plan's length are written by no kernel
         y = torch.zeros((T, H, V), dtype=r.dtype, device=r.device)
         chunk_offsets, chunk_indices, NT = plan.chunk_offsets, plan.chunk_indices, plan.num_chunks
@@ -305,6 +288,6 @@ def wkv6_prefill(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
         raise ValueError(f"all tensors must be on one device; got {[str(t.device) for t in tensors]}")
     r, k, v, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (r, k, v, w))
     if plan is None:
-        cu_t = _to_device(torch.tensor(cu, dtype=torch.int32), r.device)
+        cu_t = to_device(torch.tensor(cu, dtype=torch.int32), r.device)
     lens = [b - a for a, b in zip(cu, cu[1:])]
     return wkv6_prefill_fwd(r, k, v, w, u.contiguous(), lens, cu_t, state_pool, slots, tuning, plan)
