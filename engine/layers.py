@@ -60,6 +60,11 @@ class LayerWeights:
         self._w[stacked_name] = stacked
         return views
 
+    def stack_vectors(self, names: tuple[str, ...], stacked_name: str) -> None:
+        """Keeps the named same-length vectors also as one [n, C] tensor `stacked_name` (a copy:
+        vectors are small)."""
+        self._w[stacked_name] = torch.stack([self._w[n] for n in names])
+
     def __contains__(self, name: str) -> bool:
         return name in self._w
 
@@ -72,18 +77,12 @@ def linear(x: Tensor, w: LayerWeights, name: str) -> Tensor:
     return F.linear(x, w[f"{name}.weight"])
 
 
-MIX_NAMES = {TMIX_FINCH: ("w", "k", "v", "r", "g")}  # x060; x060c2 (every other kind): MIX_NAMES_C2
-MIX_NAMES_C2 = ("r", "k", "v", "w", "v2")
-MIX_STACKED = "att.time_maa_stacked"  # [n_mix, C]: the mixes' time_maa_* vectors (`stack_mix_vectors`)
+MIX_STACKED = "att.time_maa_stacked"  # [n_mix, C]: a Finch block's mix vectors, for `kernels.finch_mix`
 
 
 def mix_names(cfg: ModelConfig) -> tuple[str, ...]:
-    return MIX_NAMES.get(cfg.tmix, MIX_NAMES_C2)
-
-
-def stack_mix_vectors(w: LayerWeights, cfg: ModelConfig) -> None:
-    """Keeps a Finch block's mix vectors stacked as MIX_STACKED (one tensor for `kernels.finch_mix`)."""
-    w._w[MIX_STACKED] = torch.stack([w[f"att.time_maa_{n}"] for n in mix_names(cfg)])
+    """The Finch time mix's mixed inputs, in the order of time_maa_w2's rows."""
+    return ("w", "k", "v", "r", "g") if cfg.tmix == TMIX_FINCH else ("r", "k", "v", "w", "v2")
 
 
 def finch_mixes(x: Tensor, prev: Tensor, w: LayerWeights, cfg: ModelConfig, shifted: bool = False,

@@ -37,8 +37,9 @@ class GoldFinchModel(GoldLayers):
         self.device = w["emb.weight"].device
         self.blocks = [L.LayerWeights(w, f"blocks.{i}.") for i in range(self.config.n_layer)]
         self._stack_projections(w)
+        mix_vectors = tuple(f"att.time_maa_{n}" for n in L.mix_names(self.config))
         for block in self.blocks[: self.config.gold_start]:
-            L.stack_mix_vectors(block, self.config)
+            block.stack_vectors(mix_vectors, L.MIX_STACKED)
         self.emb, self.head = w["emb.weight"], w["head.weight"]
         self.ln0 = (w["blocks.0.ln0.weight"], w["blocks.0.ln0.bias"])
         self.ln_out = (w["ln_out.weight"], w["ln_out.bias"])
