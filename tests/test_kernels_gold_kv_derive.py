@@ -11,25 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_interpreter import CUDA, enter_test, import_kernels, needs_subprocess, run_module_in_subprocess
+from triton_interpreter import (CUDA, import_kernels, interpreter_while_testing,  # noqa: F401 (fixture, test)
+                                needs_subprocess, test_module_under_interpreter_in_subprocess)
 
 DEVICE = "cuda" if CUDA else "cpu"
-_IN_SUBPROCESS = needs_subprocess()
-(_mod,) = import_kernels(("kernels.gold_kv_derive",), "gold_kv_derive_fwd_kernel", _IN_SUBPROCESS)
+IN_SUBPROCESS = needs_subprocess()
+(_mod,) = import_kernels(("kernels.gold_kv_derive",), "gold_kv_derive_fwd_kernel", IN_SUBPROCESS)
 gold_kv_derive = _mod.gold_kv_derive
 
 from engine import layers as L  # noqa: E402
 from kernels.gold_kv_derive_reference import GoldKVDeriveWeights, gold_kv_derive_reference  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_while_testing(request, monkeypatch):
-    enter_test(request, monkeypatch, _IN_SUBPROCESS)
-
-
-@pytest.mark.skipif(not _IN_SUBPROCESS, reason="the kernel tests run in this process")
-def test_module_under_interpreter_in_subprocess():
-    run_module_in_subprocess(__file__)
 
 
 # max |out - ref| / max |ref| (layer-normed outputs, rounded to the dtype)

@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_interpreter import CUDA, enter_test, import_kernels, needs_subprocess, run_module_in_subprocess
+from triton_interpreter import (CUDA, import_kernels, interpreter_while_testing,  # noqa: F401 (fixture, test)
+                                needs_subprocess, test_module_under_interpreter_in_subprocess)
 
 DEVICE = "cuda" if CUDA else "cpu"
 _KERNEL_MODULES = ("kernels.paged_attention",)
@@ -25,24 +26,14 @@ _KERNEL_MODULES = ("kernels.paged_attention",)
 
 # Triton imported earlier in this process without the interpreter cannot be switched to it: then
 # the module runs itself in a subprocess instead (tests/triton_interpreter.py)
-_IN_SUBPROCESS = needs_subprocess()
+IN_SUBPROCESS = needs_subprocess()
 
 
-(_attn_mod,) = import_kernels(_KERNEL_MODULES, "paged_decode_attention_fwd_kernel", _IN_SUBPROCESS)
+(_attn_mod,) = import_kernels(_KERNEL_MODULES, "paged_decode_attention_fwd_kernel", IN_SUBPROCESS)
 paged_decode_attention = _attn_mod.paged_decode_attention
 
 from kernels import dispatch  # noqa: E402
 from kernels.paged_attention_reference import paged_decode_attention_reference  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_while_testing(request, monkeypatch):
-    enter_test(request, monkeypatch, _IN_SUBPROCESS)
-
-
-@pytest.mark.skipif(not _IN_SUBPROCESS, reason="the kernel tests run in this process")
-def test_module_under_interpreter_in_subprocess():
-    run_module_in_subprocess(__file__)
 
 
 # error budgets, as max |out - ref| / max |ref| (outputs are rounded to their dtype)

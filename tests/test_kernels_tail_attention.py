@@ -9,24 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_interpreter import CUDA, enter_test, import_kernels, needs_subprocess, run_module_in_subprocess
+from triton_interpreter import (CUDA, import_kernels, interpreter_while_testing,  # noqa: F401 (fixture, test)
+                                needs_subprocess, test_module_under_interpreter_in_subprocess)
 
 DEVICE = "cuda" if CUDA else "cpu"
-_IN_SUBPROCESS = needs_subprocess()
-(_mod,) = import_kernels(("kernels.tail_attention",), "tail_attention_fwd_kernel", _IN_SUBPROCESS)
+IN_SUBPROCESS = needs_subprocess()
+(_mod,) = import_kernels(("kernels.tail_attention",), "tail_attention_fwd_kernel", IN_SUBPROCESS)
 tail_attention = _mod.tail_attention
 
 from kernels.tail_attention_reference import tail_attention_reference  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_while_testing(request, monkeypatch):
-    enter_test(request, monkeypatch, _IN_SUBPROCESS)
-
-
-@pytest.mark.skipif(not _IN_SUBPROCESS, reason="the kernel tests run in this process")
-def test_module_under_interpreter_in_subprocess():
-    run_module_in_subprocess(__file__)
 
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_interpreter import CUDA, enter_test, import_kernels, needs_subprocess, run_module_in_subprocess
+from triton_interpreter import (CUDA, import_kernels, interpreter_while_testing,  # noqa: F401 (fixture, test)
+                                needs_subprocess, test_module_under_interpreter_in_subprocess)
 
 DEVICE = "cuda" if CUDA else "cpu"
 _KERNEL_MODULES = ("kernels.wkv6_decode", "kernels.wkv6_prefill")
@@ -18,24 +19,14 @@ _KERNEL_MODULES = ("kernels.wkv6_decode", "kernels.wkv6_prefill")
 
 # Triton imported earlier in this process without the interpreter cannot be switched to it: then
 # the module runs itself in a subprocess instead (tests/triton_interpreter.py)
-_IN_SUBPROCESS = needs_subprocess()
+IN_SUBPROCESS = needs_subprocess()
 
 
-_decode_mod, _prefill_mod = import_kernels(_KERNEL_MODULES, "wkv6_decode_fwd_kernel", _IN_SUBPROCESS)
+_decode_mod, _prefill_mod = import_kernels(_KERNEL_MODULES, "wkv6_decode_fwd_kernel", IN_SUBPROCESS)
 wkv6_decode, wkv6_prefill = _decode_mod.wkv6_decode, _prefill_mod.wkv6_prefill
 
 from kernels import dispatch  # noqa: E402
 from kernels.wkv6_reference import wkv6_chunked, wkv6_step  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_while_testing(request, monkeypatch):
-    enter_test(request, monkeypatch, _IN_SUBPROCESS)
-
-
-@pytest.mark.skipif(not _IN_SUBPROCESS, reason="the kernel tests run in this process")
-def test_module_under_interpreter_in_subprocess():
-    run_module_in_subprocess(__file__)
 
 
 # error budgets, as max |out - ref| / max |ref| per tensor (outputs are rounded to their dtype)

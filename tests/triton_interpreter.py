@@ -5,6 +5,10 @@ variable is set around the import and restored after, and a test module keeps it
 own tests run (`TRITON_INTERPRET` is read again at launch). If Triton was already imported in this
 process without the interpreter it cannot be switched: the test module then runs itself in a
 subprocess with the variable set (`run_module_in_subprocess`).
+
+A kernel test module sets `IN_SUBPROCESS = needs_subprocess()`, imports its kernels with
+`import_kernels`, and imports `interpreter_while_testing` (an autouse fixture there) and
+`test_module_under_interpreter_in_subprocess` from here.
 """
 from __future__ import annotations
 
@@ -71,3 +75,18 @@ def enter_test(request, monkeypatch, in_subprocess: bool) -> None:
         pytest.skip(f"runs in the subprocess of {SUBPROCESS_TEST}")
     if not CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def interpreter_while_testing(request, monkeypatch):
+    """Autouse in each kernel test module that imports it: `enter_test` with the module's
+    IN_SUBPROCESS."""
+    enter_test(request, monkeypatch, request.module.IN_SUBPROCESS)
+
+
+def test_module_under_interpreter_in_subprocess(request):
+    """Collected in each kernel test module that imports it: where this process cannot switch Triton
+    to the interpreter, the module runs itself in a subprocess."""
+    if not request.module.IN_SUBPROCESS:
+        pytest.skip("the kernel tests run in this process")
+    run_module_in_subprocess(str(request.module.__file__))
