@@ -24,6 +24,7 @@ from kernels.dispatch import paged_attention, wkv_decode
 
 from . import layers as L
 from .config import TMIX_FINCH
+from .decode_fused import FusedBlocks, supported as fused_supported
 from .decode_ops import DecayValue2Lora, GoldKVWeights
 from .kv_pool import PagedKeyCache
 from .kv_working_set import PagedKVPool
@@ -66,9 +67,12 @@ class TokenShiftRows:
 class DecodeStep:
     """Binds a model to the pools it decodes over; `__call__` is the capturable step."""
 
-    def __init__(self, model, rnn: RNNStatePool, key_cache: PagedKeyCache, kv_pool: PagedKVPool) -> None:
+    def __init__(self, model, rnn: RNNStatePool, key_cache: PagedKeyCache, kv_pool: PagedKVPool,
+                 fused: bool = True) -> None:
+        """`fused`: small batches run the blocks of `engine.decode_fused` (Finch-C2 models)."""
         self.model, self.rnn, self.key_cache, self.kv_pool = model, rnn, key_cache, kv_pool
         cfg = model.config
+        self.fused = FusedBlocks(model) if fused and fused_supported(cfg) else None
         self.gold_kv_weights = GoldKVWeights.stack([model.blocks[i] for i in range(cfg.gold_start, cfg.n_layer)])
         merge = cfg.tmix != TMIX_FINCH and cfg.use_v2
         self.decay_value2_loras = [DecayValue2Lora.merge(model.blocks[i]) if merge else None
@@ -94,6 +98,12 @@ class DecodeStep:
     def _finch_block(self, layer: int, x: Tensor, inp: DecodeInputs, shifts: TokenShiftRows) -> Tensor:
         m, cfg = self.model, self.model.config
         w, rnn, slots, H, N = m.blocks[layer], self.rnn, inp.state_slots, cfg.n_head, cfg.head_size
+        if self.fused is not None and self.fused.applies(x.shape[0]):
+            x, xa, xf = self.fused.finch_block(layer, x, shifts.tmix_prev[layer], shifts.cmix_prev[layer],
+                                               rnn.wkv[layer], slots)
+            shifts.tmix_new.append(xa)
+            shifts.cmix_new.append(xf)
+            return x
         xa, r, k, v, log_decay, u, extra = m.ops.finch_tmix_in_stacked(x, shifts.tmix_prev[layer], w,
                                                                        self.decay_value2_loras[layer], cfg)
         shifts.tmix_new.append(xa)
@@ -126,13 +136,22 @@ class DecodeStep:
                     num_splits: int | None) -> Tensor:
         m, cfg = self.model, self.model.config
         w, H, D = m.blocks[layer], cfg.n_head, cfg.head_size
-        xa, q = m.ops.gold_query_in(x, shifts.tmix_prev[layer], w)
+        fused = self.fused if self.fused is not None and self.fused.applies(x.shape[0]) else None
+        if fused is not None:
+            xa, q = fused.gold_query(j, layer, x, shifts.tmix_prev[layer])
+        else:
+            xa, q = m.ops.gold_query_in(x, shifts.tmix_prev[layer], w)
         shifts.tmix_new.append(xa)
         q = q.view(-1, H, D)
         if cfg.rope is not None:
             q = L.rotary(q, inp.positions, cfg.rope.theta, cfg.rope.rescale)
         k_pages, v_pages = self.kv_pool.layer(j, H)
         o = paged_attention(q, k_pages, v_pages, inp.kv_page_tables, inp.seq_lens, num_splits=num_splits)
+        if fused is not None:
+            x, xb = fused.channel_mix(layer, fused.gold_back(layer, x, o.reshape(x.shape[0], -1)),
+                                      shifts.cmix_prev[layer])
+            shifts.cmix_new.append(xb)
+            return x
         x, xb = m.ops.gold_attention_out(x, o.reshape(x.shape[0], -1), w)
         shifts.cmix_new.append(xb)
         return m.ops.channel_mix_residual_stacked(x, xb, shifts.cmix_prev[layer], w, cfg)

@@ -60,6 +60,10 @@ class LayerWeights:
         self._w[stacked_name] = stacked
         return views
 
+    def add(self, name: str, t: Tensor) -> None:
+        """Keeps a tensor derived from the checkpoint's (a transposed LoRA for the decode step)."""
+        self._w[name] = t
+
     def stack_vectors(self, names: tuple[str, ...], stacked_name: str) -> None:
         """Keeps the named same-length vectors also as one [n, C] tensor `stacked_name` (a copy:
         vectors are small)."""

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kernels.dispatch import wkv_decode, wkv_prefill
 
+from . import decode_fused
 from . import layers as L
 from .config import ModelConfig
 from .gold_layers import GoldLayers, GoldWorkCounter
@@ -55,10 +56,14 @@ class GoldFinchModel(GoldLayers):
         for i, block in enumerate(self.blocks):
             stacks = [(L.CMIX_STACKED_NAMES, L.CMIX_STACKED)]
             if i < self.config.gold_start:
-                stacks.append((tmix_names, L.TMIX_STACKED))
+                extra = decode_fused.front_lora_rows(block, self.config) if decode_fused.supported(self.config) else {}
+                for name, t in extra.items():  # the fused decode step's LoRA rows, after r, k, v
+                    block.add(name, t)
+                stacks.append((tmix_names + tuple(extra), L.TMIX_STACKED))
             for names, stacked_name in stacks:
                 for name, view in block.stack_rows(names, stacked_name).items():
-                    weights[f"blocks.{i}.{name}"] = view
+                    if f"blocks.{i}.{name}" in weights:
+                        weights[f"blocks.{i}.{name}"] = view
 
     # ---- embeddings and key derivation -------------------------------------------------------
     def embed(self, token_ids: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
 """Which implementation runs (WKV6, paged decode attention, GOLD key/value derivation, prompt-tail
-attention, Finch token-shift mixes): the Triton kernels on CUDA tensors, the
+attention, Finch token-shift mixes, the decode step's fused products): the Triton kernels on CUDA tensors, the
 PyTorch reference elsewhere.
 
 Set `GOLDFINCH_KERNELS=reference` to force the reference on CUDA as well (debugging, A/B checks).
@@ -14,7 +14,9 @@ import os
 import torch
 from torch import Tensor
 
+from .decode_gemv_reference import ColumnSegments, decode_gemv_reference, decode_norm_mix_reference
 from .finch_mix_reference import finch_mix_reference
+from .finch_wkv_decode_reference import finch_wkv_decode_reference
 from .gold_kv_derive_reference import GoldKVDeriveWeights, gold_kv_derive_reference
 from .paged_attention_reference import paged_decode_attention_reference
 from .tail_attention_reference import tail_attention_reference
@@ -149,3 +151,52 @@ def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shift
 @finch_mix.register_fake
 def _finch_mix_shape(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted: bool) -> Tensor:
     return x.new_empty((w2.shape[0], *x.shape))
+
+
+def plan_columns(segments: ColumnSegments, K: int, device: torch.device):
+    """What `decode_gemv` takes for a weight [segments.ends[-1], K] read by several input groups:
+    the Triton kernel's block table on CUDA (built once per weight), the segments elsewhere."""
+    if device.type == "cuda" and os.environ.get(ENV_VAR, "").strip().lower() != "reference":
+        from .decode_gemv import plan_columns as plan
+
+        return plan(segments, K, device)
+    return segments
+
+
+def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan=None, **fused) -> Tensor:
+    """A decode step's skinny product with its activation or residual fused in; see
+    `kernels.decode_gemv_reference` (the arguments) and `plan_columns` (plan). Writes and returns out."""
+    if use_triton(x) and not isinstance(plan, ColumnSegments):
+        from .decode_gemv import decode_gemv as fused_gemv
+
+        return fused_gemv(x, weight, out, batch, plan, **fused)
+    segments = plan if plan is None or isinstance(plan, ColumnSegments) else plan.segments
+    return decode_gemv_reference(x, weight, out, batch, segments, **fused)
+
+
+def decode_norm_mix(x: Tensor, ln: tuple[Tensor, Tensor, float], ln_out: Tensor | None = None,
+                    prev: Tensor | None = None, mix: Tensor | None = None, out: Tensor | None = None,
+                    addend: Tensor | None = None, lora_w1t: Tensor | None = None, lora_out: Tensor | None = None) -> None:
+    """A decode step's layer norm (of x + addend), the token-shift mixes after it and a LoRA's first
+    stage on the first mix; see `kernels.decode_gemv_reference`. Writes ln_out, out and lora_out."""
+    args = (x, ln, ln_out, prev, mix, out, addend, lora_w1t, lora_out)
+    if use_triton(x):
+        from .decode_norm_mix import decode_norm_mix as fused
+
+        return fused(*args)
+    return decode_norm_mix_reference(*args)
+
+
+def finch_wkv_decode(r: Tensor, k: Tensor, v: Tensor, decay_hidden: Tensor, time_decay: Tensor, decay_w2: Tensor,
+                     u: Tensor, state_pool: Tensor, slots: Tensor, use_one_minus_w: bool, v2: Tensor | None = None,
+                     value2_hidden: Tensor | None = None, value2_w2: Tensor | None = None) -> Tensor:
+    """A Finch-C2 time mix's step from its projections to its output norm's input (decay LoRA,
+    key scaling, WKV step on the state slots in place, value2 term); see
+    `kernels.finch_wkv_decode_reference`. Returns [N, A]."""
+    args = (r, k, v, decay_hidden, time_decay, decay_w2, u, state_pool, slots, use_one_minus_w, v2, value2_hidden,
+            value2_w2)
+    if use_triton(r):
+        from .finch_wkv_decode import finch_wkv_decode as fused
+
+        return fused(*args)
+    return finch_wkv_decode_reference(*args)

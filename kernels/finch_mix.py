@@ -75,10 +75,13 @@ def _check(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted:
 # rows and channels per program, warps: the best of a sweep on an H100 (`bench_finch_mix.py`, five
 # tiles): 30.4 / 224 / 952 us at 2,048 / 16,384 / 65,536 rows, against 35.6 / 271 / 1,114 at 64 x 128
 TILES = (32, 128, 4)
+# a decode step's few rows: narrow column blocks, so that 64 programs rather than 16 share the LoRA
+# weight's read (H100, batch 1 at the 1.5B shape: 7.0 us a call at TILES)
+DECODE_ROWS, DECODE_TILES = 16, (16, 32, 2)
 
 
 def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted: bool,
-              tiles: tuple[int, int, int] = TILES) -> Tensor:
+              tiles: tuple[int, int, int] | None = None) -> Tensor:
     """The n_mix mixed inputs [n_mix, N, C] (contiguous, x's dtype). x: [N, C]; prev: [N, C], or
     [1, C] with `shifted` (x is one sequence; row t's previous row is x[t - 1]); h: [N, n_mix * R];
     w2: [n_mix, R, C]; maa: [n_mix, C]. See `kernels.finch_mix_reference`."""
@@ -90,7 +93,7 @@ def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shift
         return out
     x, prev, h = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, prev, h))
     w2, maa = w2.contiguous(), maa.contiguous()
-    BM, BC, warps = tiles
+    BM, BC, warps = tiles or (DECODE_TILES if N <= DECODE_ROWS else TILES)
     BC = min(BC, triton.next_power_of_2(C))
     finch_mix_fwd_kernel[(triton.cdiv(N, BM), triton.cdiv(C, BC))](
         x, prev, h, w2, maa, out, N, C, x.stride(0), prev.stride(0), h.stride(0),

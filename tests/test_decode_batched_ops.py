@@ -9,6 +9,7 @@ import torch
 
 import test_decode_step as static_step
 from conftest import CONFORMANCE_DIR, load_model
+from engine import decode_fused
 from engine import decode_ops as D
 from engine import layers as L
 from engine.config import TMIX_FINCH
@@ -105,7 +106,7 @@ def test_stacked_weights_are_views_and_outputs_unchanged(case, monkeypatch):
         for stacked_name, names in stacks:
             stacked = block[stacked_name]
             start, end = _storage_span(stacked)
-            assert stacked.shape[0] == sum(original[f"blocks.{i}.{n}"].shape[0] for n in names)
+            assert stacked.shape[0] >= sum(original[f"blocks.{i}.{n}"].shape[0] for n in names)
             offset = start
             for n in names:
                 view, key = block[n], f"blocks.{i}.{n}"
@@ -113,6 +114,11 @@ def test_stacked_weights_are_views_and_outputs_unchanged(case, monkeypatch):
                 assert checkpoint.weights[key] is view  # the originals are no longer referenced
                 assert torch.equal(view, original[key])
                 offset = _storage_span(view)[1]
+            if stacked_name == L.TMIX_STACKED and decode_fused.supported(cfg):  # then the fused decode's LoRA rows
+                lora_rows = decode_fused.front_lora_rows(block, cfg)
+                assert tuple(lora_rows) == decode_fused.FRONT_LORA_ROWS[:len(lora_rows)]
+                assert torch.equal(stacked[-sum(t.shape[0] for t in lora_rows.values()):], torch.cat(list(lora_rows.values())))
+                offset += sum(t.numel() * t.element_size() for t in lora_rows.values())
             assert offset == end
     tokens = torch.arange(12)[None] * 7 % cfg.vocab_size
     stacked_logits, _ = model.forward(tokens, all_logits=True)

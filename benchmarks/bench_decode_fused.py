@@ -1,0 +1,70 @@
+"""Decode with the fused blocks (`engine.decode_fused`) against the unfused ones, in one process, at
+the 1.5B shape (random weights, bf16) on the GPU.
+
+    python benchmarks/bench_decode_fused.py [--cases 1x4096,8x4096,16x4096,1x131072] [--rounds 2] [--out DIR]
+
+Each case BATCHxCONTEXT decodes through the engine as `bench_model.py --decode` does (K/V working
+sets, decode steps replayed from CUDA graphs); the arms alternate within each round on one model,
+the engine rebuilt per arm (so the decode step and its graphs are). Reported: the graph replay time
+of one step and tokens per second, per arm and round, and the fused arm's speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_model import bench_decode  # noqa: E402
+from gpu_timing import commit_id, write_result  # noqa: E402
+
+import engine.decode_step as decode_step  # noqa: E402
+from engine.model import GoldFinchModel  # noqa: E402
+from engine.random_model import PAPER_1B5_CONFIG, random_checkpoint  # noqa: E402
+
+ARMS = ("unfused", "fused")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="1x4096,8x4096,16x4096,1x131072")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=480)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
+    deadline = time.monotonic() + args.budget_s
+    supported = decode_step.fused_supported
+    model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
+    rows: dict[tuple[int, int], dict[str, list]] = {}
+    try:
+        for _ in range(args.rounds):
+            for arm in ARMS:
+                decode_step.fused_supported = supported if arm == "fused" else (lambda cfg: False)
+                for r in bench_decode(model, [(b, c, "sets") for b, c in cases], deadline):
+                    if "graph_ms" in r:
+                        rows.setdefault((r["batch"], r["context"]), {}).setdefault(arm, []).append(
+                            (round(r["graph_ms"], 4), round(r["tok_per_s"], 1)))
+                torch.cuda.empty_cache()
+    finally:
+        decode_step.fused_supported = supported
+    device = torch.cuda.get_device_name()
+    lines = [f"# Decode, fused vs unfused blocks ({device}, commit {commit_id()}, {time.strftime('%Y-%m-%d')})", "",
+             "| batch x context | unfused graph ms (tok/s) | fused graph ms (tok/s) | speed-up (median graph ms) |",
+             "| --- | --- | --- | --- |"]
+    for (b, c), arms in sorted(rows.items()):
+        cell = lambda a: ", ".join(f"{ms:.3f} ({tps:,.0f})" for ms, tps in arms.get(a, []))  # noqa: E731
+        med = {a: sorted(ms for ms, _ in arms[a])[len(arms[a]) // 2] for a in ARMS if arms.get(a)}
+        ratio = f"{med['unfused'] / med['fused']:.2f}x" if len(med) == 2 else "-"
+        lines.append(f"| {b} x {c} | {cell('unfused')} | {cell('fused')} | {ratio} |")
+    result = {"device": device, "commit": commit_id(), "cases": [
+        {"batch": b, "context": c, **arms} for (b, c), arms in sorted(rows.items())]}
+    write_result(args.out, f"bench_decode_fused_{commit_id()}", result, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""A decode step's skinny products with their activation or residual fused in (contract:
+`kernels.decode_gemv_reference`).
+
+Why: at batch 1 a Finch layer ran 25 kernels for 92 us of GPU time on an H100, of which 48 us were
+its four large products and 44 us twenty small kernels (norms, mixes, activations, a split-K
+reduction, each 1-6 us however little it does). Here a stacked weight's column segments read
+different input groups (r, k, v and the LoRAs' first stages in one launch), the activation or
+residual is applied to the accumulator before the store, and no split-K reduction is needed.
+(Computing the layer norm and mixes inside the product was tried: every program repeating them
+between its weight loads made the channel-mix product 36 us instead of 21 for the unfused kernels;
+`kernels.decode_norm_mix` does them once.)
+
+`decode_gemv_fwd_kernel`, grid (cdiv(N, BN),): a program owns BN weight rows (output columns) and
+streams them over K against its input rows padded to BM (the matrix units then cost nothing next
+to the weight read). A program's columns lie in one segment; a block table (built once per weight,
+`plan_columns`) says which input groups read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .decode_gemv_reference import ACTIVATIONS, ColumnSegments
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def decode_gemv_fwd_kernel(
+    x_ptr, stride_x, w_ptr, out_ptr, stride_out, groups_ptr, res_ptr, stride_res, gate_ptr, stride_gate,
+    B, N, K, ACT_COLS,
+    ACTIVATION: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols_n = pid * BN + tl.arange(0, BN)
+    m_n = cols_n < N
+    i = tl.arange(0, BM)
+    which, src = i // B, i % B  # which of the program's input groups, and the batch row
+    if HAS_GROUPS:
+        g_first = tl.load(groups_ptr + 2 * pid)
+        g_second = tl.load(groups_ptr + 2 * pid + 1)
+    else:
+        g_first, g_second = 0, -1
+    group = tl.where(which == 0, g_first, g_second)
+    m_row = (which < 2) & (group >= 0)
+    group = tl.where(m_row, group, 0)
+    row = group * B + src  # the input row and the output row
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols_k = k0 + tl.arange(0, BK)
+        m_k = cols_k < K
+        inp = tl.load(x_ptr + row[:, None] * stride_x + cols_k[None, :], mask=m_row[:, None] & m_k[None, :], other=0.)
+        w = tl.load(w_ptr + cols_n[:, None].to(tl.int64) * K + cols_k[None, :], mask=m_n[:, None] & m_k[None, :],
+                    other=0.)
+        acc = tl.dot(inp, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    p = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the product as the unfused op stores it
+    m_out = m_row[:, None] & m_n[None, :]
+    if ACTIVATION == 1:
+        p = 1. - 2. / (tl.exp(2. * p) + 1.)  # tanh
+    elif ACTIVATION == 2:
+        p = tl.where((cols_n < ACT_COLS)[None, :], tl.maximum(p, 0.) * tl.maximum(p, 0.), p)
+    elif ACTIVATION == 3:
+        p += tl.load(res_ptr + row[:, None] * stride_res + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
+    elif ACTIVATION == 4:
+        gate = tl.load(gate_ptr + row[:, None] * stride_gate + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
+        res = tl.load(res_ptr + row[:, None] * stride_res + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
+        p = res + p / (1. + tl.exp(-gate))
+    tl.store(out_ptr + row[:, None] * stride_out + cols_n[None, :], p.to(out_ptr.dtype.element_ty), mask=m_out)
+
+
+@dataclass(frozen=True)
+class GemvTuning:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+# programs that fit one wave of an H100 at the wide tiles' shared memory (one program a multiprocessor)
+ONE_WAVE = 132
+
+
+def default_tuning(N: int, K: int) -> GemvTuning:
+    """Best of a sweep on an H100 at M = 1-16 (scratch probe, bf16, 4 warps, 4 stages): wide weights
+    64 x 256 while that is one wave (6,144 x 2,048: 11.0 us, cuBLAS 11.7), else 32 x 128 (9,216 x
+    2,048: 15.5 us, cuBLAS 15.5); narrow ones 16 x 512 (2,048 x 7,168: 13.2 us, cuBLAS 14.9 + 1.7
+    for its split-K reduction)."""
+    fit = lambda bk: min(bk, max(16, triton.next_power_of_2(K)))  # noqa: E731
+    if N >= 4096:
+        return GemvTuning(64, fit(256)) if triton.cdiv(N, 64) <= ONE_WAVE else GemvTuning(32, fit(128))
+    return GemvTuning(16, fit(512))
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """A weight's column segments with the block table for one tuning (built once per weight)."""
+
+    segments: ColumnSegments
+    tuning: GemvTuning
+    block_groups: Tensor  # [n_blocks, 2] int32: the groups reading each block's columns (-1: none)
+
+
+def plan_columns(segments: ColumnSegments, K: int, device, tuning: GemvTuning | None = None) -> ColumnPlan:
+    """The block table of `segments` over a weight [segments.ends[-1], K]; the block width is the
+    tuning's, halved until every segment boundary falls on a block boundary (at least 16)."""
+    N = segments.ends[-1]
+    tuning = tuning or default_tuning(N, K)
+    bn = tuning.block_n
+    while bn > 16 and any(e % bn for e in segments.ends[:-1]):
+        bn //= 2
+    if any(e % bn for e in segments.ends[:-1]):
+        raise ValueError(f"segments: boundaries {segments.ends[:-1]} are not multiples of 16")
+    table = []
+    for start, end, groups in segments.spans():
+        pair = (groups[0], groups[1] if len(groups) > 1 else -1)
+        table += [pair] * (triton.cdiv(end, bn) - start // bn)
+    return ColumnPlan(segments, GemvTuning(bn, tuning.block_k, tuning.num_warps, tuning.num_stages),
+                      torch.tensor(table, dtype=torch.int32, device=device))
+
+
+def _check_rows(name: str, t: Tensor, shape: tuple[int, int], dtype, device) -> None:
+    if t.dim() != 2 or tuple(t.shape) != shape or t.stride(1) != 1:
+        raise ValueError(f"{name}: expected {list(shape)} with contiguous rows, got {list(t.shape)} "
+                         f"strides {t.stride()}")
+    if t.dtype != dtype or t.device != device:
+        raise ValueError(f"{name}: expected {dtype} on {device}, got {t.dtype} on {t.device}")
+
+
+def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan: ColumnPlan | None = None,
+                activation: str = "none", act_cols: int = 0, residual: Tensor | None = None,
+                gate: Tensor | None = None) -> Tensor:
+    """Writes and returns out [G*B, N] (rows may be strided, channels contiguous).
+
+    x: [G*B, K] input rows (strided rows allowed); weight: [N, K] contiguous; plan: the column
+    segments (`plan_columns`), None for one group reading every column; activation: one of
+    ACTIVATIONS (`act_cols` for relu_square; residual and gate [G*B, N] for the residual ones)."""
+    B, (N, K) = batch, weight.shape
+    G = plan.segments.n_groups if plan is not None else 1
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: {activation!r} not in {ACTIVATIONS}")
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype not in _FLOATS:
+        raise ValueError(f"weight: expected a contiguous [N, K] float matrix, got {list(weight.shape)} {weight.dtype}")
+    if plan is not None and plan.segments.ends[-1] != N:
+        raise ValueError(f"plan: segments end at {plan.segments.ends[-1]}, weight has {N} rows")
+    per_block = 2 if plan is not None and any(len(g) > 1 for g in plan.segments.groups) else 1
+    if not 1 <= B or per_block * B > 64:
+        raise ValueError(f"batch: {per_block} groups of {B} rows per block, at most 64 rows")
+    dt, dev = weight.dtype, weight.device
+    _check_rows("x", x, (G * B, K), dt, dev)
+    _check_rows("out", out, (G * B, N), dt, dev)
+    for name, t in (("residual", residual), ("gate", gate)):
+        needed = activation in ("residual", "gated_residual") if name == "residual" else activation == "gated_residual"
+        if needed != (t is not None):
+            raise ValueError(f"{name}: {'required' if needed else 'not used'} with activation {activation!r}")
+        if t is not None:
+            _check_rows(name, t, (G * B, N), dt, dev)
+    tuning = plan.tuning if plan is not None else default_tuning(N, K)
+    grid = (triton.cdiv(N, tuning.block_n),)
+    decode_gemv_fwd_kernel[grid](
+        x, x.stride(0), weight, out, out.stride(0), plan.block_groups if plan is not None else out,
+        residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
+        gate if gate is not None else out, gate.stride(0) if gate is not None else 0, B, N, K, act_cols,
+        ACTIVATION=ACTIVATIONS.index(activation), HAS_GROUPS=plan is not None,
+        BM=max(16, triton.next_power_of_2(B * per_block)), BN=tuning.block_n, BK=tuning.block_k,
+        DOT_PRECISION="ieee" if dt == torch.float32 else "tf32", num_warps=tuning.num_warps,
+        num_stages=tuning.num_stages)
+    return out
