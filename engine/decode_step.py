@@ -83,7 +83,8 @@ class DecodeStep:
         """Logits [B, V] in the model dtype; updates states, compressed keys and working sets."""
         m, cfg = self.model, self.model.config
         shifts = TokenShiftRows(self.rnn, inp.state_slots)
-        x = m.embed(inp.token_ids)
+        fused = self.fused if self.fused is not None and self.fused.applies(inp.token_ids.shape[0]) else None
+        x = fused.embed(inp.token_ids) if fused is not None else m.embed(inp.token_ids)
         for layer in range(cfg.n_finch):
             x = self._finch_block(layer, x, inp, shifts)
         compressed = F.linear(x, m.w_compress)
@@ -92,6 +93,8 @@ class DecodeStep:
         for j, layer in enumerate(range(cfg.gold_start, cfg.n_layer)):
             x = self._gold_block(layer, j, x, inp, shifts, num_splits)
         shifts.write_back(self.rnn, inp.state_slots)
+        if fused is not None:
+            return fused.logits(x)
         x = F.layer_norm(x, (x.shape[-1],), *m.ln_out)
         return F.linear(x, m.head)
 

@@ -87,12 +87,13 @@ ONE_WAVE = 132
 
 def default_tuning(N: int, K: int) -> GemvTuning:
     """Best of a sweep on an H100 at M = 1-16 (scratch probe, bf16, 4 warps, 4 stages): wide weights
-    64 x 256 while that is one wave (6,144 x 2,048: 11.0 us, cuBLAS 11.7), else 32 x 128 (9,216 x
-    2,048: 15.5 us, cuBLAS 15.5); narrow ones 16 x 512 (2,048 x 7,168: 13.2 us, cuBLAS 14.9 + 1.7
-    for its split-K reduction)."""
+    64 x 256 (6,144 x 2,048: 11.0 us, cuBLAS 11.7; the 65,536-row head: 89.5 us, cuBLAS 96.5) unless
+    that is between one and two waves, then 32 x 128 (9,216 x 2,048: 15.5 us, cuBLAS 15.5); narrow
+    ones 16 x 512 (2,048 x 7,168: 13.2 us, cuBLAS 14.9 + 1.7 for its split-K reduction)."""
     fit = lambda bk: min(bk, max(16, triton.next_power_of_2(K)))  # noqa: E731
     if N >= 4096:
-        return GemvTuning(64, fit(256)) if triton.cdiv(N, 64) <= ONE_WAVE else GemvTuning(32, fit(128))
+        waves = triton.cdiv(N, 64) / ONE_WAVE
+        return GemvTuning(32, fit(128)) if 1 < waves <= 2 else GemvTuning(64, fit(256))
     return GemvTuning(16, fit(512))
 
 

@@ -39,32 +39,35 @@ def finch_wkv_decode_fwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     row = i_n.to(tl.int64) * stride_row
     ch_k, ch_v = i_h * K + o_k, i_h * V + o_v
-    # the head's decay: its columns of the LoRA's second product
+    # every load first (the reductions below synchronise the warps; a load after one would only
+    # then start waiting for memory)
     o_rw = tl.arange(0, BR_W)
-    hid = _tanh(tl.load(dh_ptr + i_n * stride_dh + o_rw, mask=o_rw < R_W, other=0.).to(tl.float32))
+    hid = tl.load(dh_ptr + i_n * stride_dh + o_rw, mask=o_rw < R_W, other=0.).to(tl.float32)
     w2 = tl.load(dw2_ptr + o_rw[:, None] * A + ch_k[None, :], mask=(o_rw < R_W)[:, None], other=0.).to(tl.float32)
-    lora = tl.sum(hid.to(dtype).to(tl.float32)[:, None] * w2, 0).to(dtype).to(tl.float32)
-    w_raw = (tl.load(td_ptr + ch_k).to(tl.float32) + lora).to(dtype).to(tl.float32)
-    log_decay = -tl.exp(w_raw)
+    td = tl.load(td_ptr + ch_k).to(tl.float32)
     b_k = tl.load(k_ptr + row + ch_k).to(tl.float32)
-    if ONE_MINUS_W:
-        b_k = (b_k * (1. - tl.exp(log_decay))).to(dtype).to(tl.float32)
     b_r = tl.load(r_ptr + row + ch_k).to(tl.float32)
     b_u = tl.load(u_ptr + ch_k).to(tl.float32)
     b_v = tl.load(v_ptr + row + ch_v).to(tl.float32)
     slot = tl.load(slots_ptr + i_n).to(tl.int64)
     p_s = state_ptr + slot * stride_ss + i_h * stride_sh + o_k[:, None] * V + o_v[None, :]
     b_s = tl.load(p_s)
+    if HAS_V2:
+        o_rv = tl.arange(0, BR_V)
+        hid_v = tl.load(vh_ptr + i_n * stride_vh + o_rv, mask=o_rv < R_V, other=0.).to(tl.float32)
+        vw2 = tl.load(vw2_ptr + o_rv[:, None] * A + ch_v[None, :], mask=(o_rv < R_V)[:, None], other=0.).to(tl.float32)
+        b_v2 = tl.load(v2_ptr + row + ch_v).to(tl.float32)
+    # the head's decay: its columns of the LoRA's second product
+    lora = tl.sum(_tanh(hid).to(dtype).to(tl.float32)[:, None] * w2, 0).to(dtype).to(tl.float32)
+    log_decay = -tl.exp((td + lora).to(dtype).to(tl.float32))
+    if ONE_MINUS_W:
+        b_k = (b_k * (1. - tl.exp(log_decay))).to(dtype).to(tl.float32)
     b_y = tl.sum(b_r[:, None] * b_s, axis=0) + tl.sum(b_r * b_u * b_k) * b_v
     tl.store(p_s, tl.exp(log_decay)[:, None] * b_s + b_k[:, None] * b_v[None, :])
     b_y = b_y.to(dtype).to(tl.float32)
     if HAS_V2:
-        o_rv = tl.arange(0, BR_V)
-        hid_v = _tanh(tl.load(vh_ptr + i_n * stride_vh + o_rv, mask=o_rv < R_V, other=0.).to(tl.float32))
-        vw2 = tl.load(vw2_ptr + o_rv[:, None] * A + ch_v[None, :], mask=(o_rv < R_V)[:, None], other=0.).to(tl.float32)
-        lora_v = tl.sum(hid_v.to(dtype).to(tl.float32)[:, None] * vw2, 0).to(dtype).to(tl.float32)
-        extra = (tl.load(v2_ptr + row + ch_v).to(tl.float32) + lora_v).to(dtype).to(tl.float32)
-        b_y = b_y + extra
+        lora_v = tl.sum(_tanh(hid_v).to(dtype).to(tl.float32)[:, None] * vw2, 0).to(dtype).to(tl.float32)
+        b_y = b_y + (b_v2 + lora_v).to(dtype).to(tl.float32)
     tl.store(out_ptr + i_n.to(tl.int64) * A + ch_v, b_y.to(dtype))
 
 

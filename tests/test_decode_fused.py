@@ -34,8 +34,8 @@ def test_fused_blocks_equal_unfused_blocks(case, monkeypatch):
         logits_fused = fused.runner.execute(fused.scheduler.schedule())
         logits_plain = plain.runner.execute(plain.scheduler.schedule())
         # per Finch block: stacked front, output, channel mix, value; per GOLD block: query, output,
-        # channel mix, value (the LoRAs' first stages are in the norms or the stacked front)
-        assert len(calls) == 4 * cfg.n_layer
+        # channel mix, value (the LoRAs' first stages are in the norms or the stacked front); the head
+        assert len(calls) == 4 * cfg.n_layer + 1
         assert calls.count("gated_residual") == cfg.n_layer and calls.count("relu_square") == cfg.n_layer
         assert (logits_fused - logits_plain).abs().max() < 1e-4
         for row, (seq_f, seq_p) in enumerate(zip(fused.scheduler.running, plain.scheduler.running)):

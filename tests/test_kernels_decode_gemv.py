@@ -194,3 +194,5 @@ def test_decode_products_at_the_1b5_shape_bf16(B):
     assert _rel(out, ref) < TOL[bf]
     out, ref = _run_both(bf, "cuda", B, 2048, _weight(160, 2048, bf), 1, activation="tanh")
     assert _rel(out, ref) < TOL[bf]
+    out, ref = _run_both(bf, "cuda", B, 2048, _weight(65536, 2048, bf), 1)  # the head
+    assert _rel(out, ref) < TOL[bf]
