@@ -7,7 +7,8 @@ the token-shift mixes after it and the time mix's LoRA first stage are one launc
 value2 LoRAs' first stages are extra rows of the stacked r/k/v weight (one product reads r, k, v, v2
 and both LoRAs' inputs); their second stages, the key scaling, the WKV step and the v2 add are one
 launch; activations and residuals are applied in the products before their store. A Finch block is
-9 launches (64.7 us at batch 1 on an H100), a GOLD block 11 with its attention (72.3 us).
+9 launches (~65 us at batch 1 on an H100, 92 unfused), a GOLD block 11 with its attention (~72
+us, 88 unfused).
 
 Same arithmetic and rounding points as `engine.decode_step`'s unfused blocks (the order of float32
 sums aside): tested against them. Used for Finch-C2 models up to `decode_ops.SMALL_BATCH` rows;
