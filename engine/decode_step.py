@@ -10,7 +10,8 @@ the page tables with one paged attention call per layer. The same arithmetic as
 A small batch is bound by its kernel count, so the step batches across layers where it can: every
 GOLD layer's new keys and values in one computation and one write, every layer's token-shift rows
 gathered once at the start and written once at the end, and each block's projections that read
-same-shaped inputs as one stacked product (`engine.decode_ops`).
+same-shaped inputs as one stacked product (`engine.decode_ops`). Up to `decode_ops.SMALL_BATCH`
+sequences of a Finch-C2 model, each block runs fused in 9-11 kernels (`engine.decode_fused`).
 """
 from __future__ import annotations
 
@@ -83,27 +84,29 @@ class DecodeStep:
         """Logits [B, V] in the model dtype; updates states, compressed keys and working sets."""
         m, cfg = self.model, self.model.config
         shifts = TokenShiftRows(self.rnn, inp.state_slots)
+        # a small batch runs the fused blocks (a static choice: the batch size is the graph's)
         fused = self.fused if self.fused is not None and self.fused.applies(inp.token_ids.shape[0]) else None
         x = fused.embed(inp.token_ids) if fused is not None else m.embed(inp.token_ids)
         for layer in range(cfg.n_finch):
-            x = self._finch_block(layer, x, inp, shifts)
+            x = self._finch_block(layer, x, inp, shifts, fused)
         compressed = F.linear(x, m.w_compress)
         self.key_cache.write(inp.key_slots, compressed, inp.token_ids)
         self._store_new_keys_values(compressed, inp)
         for j, layer in enumerate(range(cfg.gold_start, cfg.n_layer)):
-            x = self._gold_block(layer, j, x, inp, shifts, num_splits)
+            x = self._gold_block(layer, j, x, inp, shifts, num_splits, fused)
         shifts.write_back(self.rnn, inp.state_slots)
         if fused is not None:
             return fused.logits(x)
         x = F.layer_norm(x, (x.shape[-1],), *m.ln_out)
         return F.linear(x, m.head)
 
-    def _finch_block(self, layer: int, x: Tensor, inp: DecodeInputs, shifts: TokenShiftRows) -> Tensor:
+    def _finch_block(self, layer: int, x: Tensor, inp: DecodeInputs, shifts: TokenShiftRows,
+                     fused: FusedBlocks | None) -> Tensor:
         m, cfg = self.model, self.model.config
         w, rnn, slots, H, N = m.blocks[layer], self.rnn, inp.state_slots, cfg.n_head, cfg.head_size
-        if self.fused is not None and self.fused.applies(x.shape[0]):
-            x, xa, xf = self.fused.finch_block(layer, x, shifts.tmix_prev[layer], shifts.cmix_prev[layer],
-                                               rnn.wkv[layer], slots)
+        if fused is not None:
+            x, xa, xf = fused.finch_block(layer, x, shifts.tmix_prev[layer], shifts.cmix_prev[layer], rnn.wkv[layer],
+                                          slots)
             shifts.tmix_new.append(xa)
             shifts.cmix_new.append(xf)
             return x
@@ -136,10 +139,9 @@ class DecodeStep:
         self.kv_pool.write_all_layers(inp.kv_slots, keys, values)
 
     def _gold_block(self, layer: int, j: int, x: Tensor, inp: DecodeInputs, shifts: TokenShiftRows,
-                    num_splits: int | None) -> Tensor:
+                    num_splits: int | None, fused: FusedBlocks | None) -> Tensor:
         m, cfg = self.model, self.model.config
         w, H, D = m.blocks[layer], cfg.n_head, cfg.head_size
-        fused = self.fused if self.fused is not None and self.fused.applies(x.shape[0]) else None
         if fused is not None:
             xa, q = fused.gold_query(j, layer, x, shifts.tmix_prev[layer])
         else:

@@ -1,6 +1,6 @@
 """Which implementation runs (WKV6, paged decode attention, GOLD key/value derivation, prompt-tail
-attention, Finch token-shift mixes, the decode step's fused products): the Triton kernels on CUDA tensors, the
-PyTorch reference elsewhere.
+attention, Finch token-shift mixes, the decode step's fused norms, products and WKV step): the
+Triton kernels on CUDA tensors, the PyTorch reference elsewhere.
 
 Set `GOLDFINCH_KERNELS=reference` to force the reference on CUDA as well (debugging, A/B checks).
 The Triton modules are imported only when a CUDA tensor first arrives, so the CPU path needs no

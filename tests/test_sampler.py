@@ -8,14 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import (
-    Sampler,
-    SamplingBatch,
-    apply_penalties_and_bias,
-    counter_hash_bits,
-    exponential_noise,
-    make_sampling_batch,
-)
+from engine.sampler import Sampler, SamplingBatch, apply_penalties_and_bias, make_sampling_batch
+from engine.sampling_noise import counter_hash_bits, exponential_noise
 from engine.sampling_params import SamplingParams, resolve_seed
 
 PROBS = [0.5, 0.3, 0.15, 0.05]

@@ -15,13 +15,13 @@ import pytest
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.tokenizer import (
-    HFTokenizer,
     RwkvWorldTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     decode_utf8_per_byte,
     load_tokenizer,
 )
+from engine.tokenizer_hf import HFTokenizer
 
 WORDS = ["hello", "world", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog",
          "streaming", "token", "café", "naïve", "über", "数据", "中文", "模型", "日本語", "🦜", "😀", "🎉"]
