@@ -61,6 +61,12 @@ def _one(M, n=D, k=D):
     return lambda: F.linear(x, w)
 
 
+def cycled(make, copies: int):
+    """One call runs the next of `copies` instances (each with its own weights) in turn."""
+    instances = itertools.cycle([make() for _ in range(copies)])
+    return lambda: next(instances)()
+
+
 # name: (factory of one instance, weight bytes it reads)
 CASES = {
     "tmix r,k,v,v2 separate": (_tmix_separate, 3 * D * D * 2),

@@ -90,7 +90,8 @@ def _finch(w: L.LayerWeights, cfg: ModelConfig, device) -> FinchDecodeWeights:
     return FinchDecodeWeights(
         maa_w1_t=w["att.time_maa_w1"].T.contiguous(), maa_x=w["att.time_maa_x"].view(1, -1),
         front_plan=plan_columns(ColumnSegments(tuple(ends), tuple(groups)), cfg.n_embd, device),
-        u=torch.zeros_like(w["att.time_faaaa"]) if cfg.use_v2 else w["att.time_faaaa"], cmix=_channel_mix(w, cfg, device))
+        u=torch.zeros_like(w["att.time_faaaa"]) if cfg.use_v2 else w["att.time_faaaa"],
+        cmix=_channel_mix(w, cfg, device))
 
 
 def _gold(w: L.LayerWeights, cfg: ModelConfig, device) -> GoldDecodeWeights:

@@ -79,7 +79,8 @@ def _check(name: str, t: Tensor, shape: tuple[int, ...], like: Tensor, contiguou
 
 def decode_norm_mix(x: Tensor, ln: tuple[Tensor, Tensor, float], ln_out: Tensor | None = None,
                     prev: Tensor | None = None, mix: Tensor | None = None, out: Tensor | None = None,
-                    addend: Tensor | None = None, lora_w1t: Tensor | None = None, lora_out: Tensor | None = None) -> None:
+                    addend: Tensor | None = None, lora_w1t: Tensor | None = None,
+                    lora_out: Tensor | None = None) -> None:
     """x: [B, K] (rows may be strided); ln: (weight [K], bias [K], eps); ln_out: [B, K] contiguous,
     receives the normed rows; prev [B, K], mix [G, K] contiguous and out [G*B, K] contiguous: the
     mixed rows (out may be None when a LoRA reads them); addend: [B, K], added to x before the norm;

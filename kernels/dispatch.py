@@ -176,7 +176,8 @@ def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan=None, *
 
 def decode_norm_mix(x: Tensor, ln: tuple[Tensor, Tensor, float], ln_out: Tensor | None = None,
                     prev: Tensor | None = None, mix: Tensor | None = None, out: Tensor | None = None,
-                    addend: Tensor | None = None, lora_w1t: Tensor | None = None, lora_out: Tensor | None = None) -> None:
+                    addend: Tensor | None = None, lora_w1t: Tensor | None = None,
+                    lora_out: Tensor | None = None) -> None:
     """A decode step's layer norm (of x + addend), the token-shift mixes after it and a LoRA's first
     stage on the first mix; see `kernels.decode_gemv_reference`. Writes ln_out, out and lora_out."""
     args = (x, ln, ln_out, prev, mix, out, addend, lora_w1t, lora_out)

@@ -84,7 +84,8 @@ def test_two_groups_and_relu_square(dtype, B):
     """The channel mix's stacked key/receptance product: relu^2 on the keys' columns only."""
     K, N = 80, 96 + 32  # K not a power of two
     segments = ColumnSegments(ends=(96, 128), groups=((0,), (1,)))
-    out, ref = _run_both(dtype, DEVICE, B, K, _weight(N, K, dtype), 2, plan_columns(segments, K, DEVICE, GemvTuning(32, 32)),
+    plan = plan_columns(segments, K, DEVICE, GemvTuning(32, 32))
+    out, ref = _run_both(dtype, DEVICE, B, K, _weight(N, K, dtype), 2, plan,
                          activation="relu_square", act_cols=96, seed=10 + B)
     assert _rel(out[:B, :96], ref[:B, :96]) < TOL[dtype] and _rel(out[B:, 96:], ref[B:, 96:]) < TOL[dtype]
     assert (out[:B, :96] >= 0).all() and (out[B:, 96:] < 0).any()  # squared keys, raw receptance

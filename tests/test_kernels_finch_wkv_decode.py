@@ -35,7 +35,8 @@ def _inputs(N, H, K, R_w, R_v, dtype, device, v2: bool, seed=0):
                 time_decay=cast(t(A, scale=0.5, offset=-2.0)), decay_w2=cast(t(R_w, A, scale=R_w ** -0.5)),
                 u=cast(t(H, K, scale=0.3)))
     if v2:
-        args.update(v2=rows[:, 3 * A:4 * A], value2_hidden=cast(t(N, R_v)), value2_w2=cast(t(R_v, A, scale=R_v ** -0.5)))
+        args.update(v2=rows[:, 3 * A:4 * A], value2_hidden=cast(t(N, R_v)),
+                    value2_w2=cast(t(R_v, A, scale=R_v ** -0.5)))
     return args
 
 
