@@ -11,8 +11,9 @@ launch; activations and residuals are applied in the products before their store
 us, 88 unfused).
 
 Same arithmetic and rounding points as `engine.decode_step`'s unfused blocks (the order of float32
-sums aside): tested against them. Used for Finch-C2 models up to `decode_ops.SMALL_BATCH` rows;
-larger batches are bound by the weights, not the launches, and keep the unfused blocks.
+sums aside): tested against them. Used on CUDA for Finch-C2 models up to `decode_ops.SMALL_BATCH`
+rows; larger batches are bound by the weights, not the launches, and keep the unfused blocks (as
+does the CPU, where these would run the kernels' references).
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ the page tables with one paged attention call per layer. The same arithmetic as
 A small batch is bound by its kernel count, so the step batches across layers where it can: every
 GOLD layer's new keys and values in one computation and one write, every layer's token-shift rows
 gathered once at the start and written once at the end, and each block's projections that read
-same-shaped inputs as one stacked product (`engine.decode_ops`). Up to `decode_ops.SMALL_BATCH`
-sequences of a Finch-C2 model, each block runs fused in 9-11 kernels (`engine.decode_fused`).
+same-shaped inputs as one stacked product (`engine.decode_ops`). On CUDA, up to
+`decode_ops.SMALL_BATCH` sequences of a Finch-C2 model, each block runs fused in 9-11 kernels
+(`engine.decode_fused`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.dispatch import paged_attention, wkv_decode
+from kernels.dispatch import paged_attention, use_triton, wkv_decode
 
 from . import layers as L
 from .config import TMIX_FINCH
@@ -69,11 +70,14 @@ class DecodeStep:
     """Binds a model to the pools it decodes over; `__call__` is the capturable step."""
 
     def __init__(self, model, rnn: RNNStatePool, key_cache: PagedKeyCache, kv_pool: PagedKVPool,
-                 fused: bool = True) -> None:
-        """`fused`: small batches run the blocks of `engine.decode_fused` (Finch-C2 models)."""
+                 fused: bool | None = None) -> None:
+        """`fused`: small batches run the blocks of `engine.decode_fused` (Finch-C2 models); by
+        default where the Triton kernels run (on the CPU the fused blocks would run the kernels'
+        references, ~10% slower than the unfused blocks for the demo model: tests only)."""
         self.model, self.rnn, self.key_cache, self.kv_pool = model, rnn, key_cache, kv_pool
         cfg = model.config
-        self.fused = FusedBlocks(model) if fused and fused_supported(cfg) else None
+        use_fused = use_triton(model.emb) if fused is None else fused
+        self.fused = FusedBlocks(model) if use_fused and fused_supported(cfg) else None
         self.gold_kv_weights = GoldKVWeights.stack([model.blocks[i] for i in range(cfg.gold_start, cfg.n_layer)])
         merge = cfg.tmix != TMIX_FINCH and cfg.use_v2
         self.decay_value2_loras = [DecayValue2Lora.merge(model.blocks[i]) if merge else None

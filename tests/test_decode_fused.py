@@ -25,8 +25,8 @@ def _spy_gemv(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("case", ["goldfinch_l6_d128", "goldfinch_rope_l6_d128"])
 def test_fused_blocks_equal_unfused_blocks(case, monkeypatch):
     fused, plain = decoding_engine(case, True), decoding_engine(case, True)
-    plain.runner.decode_step.fused = None
-    assert fused.runner.decode_step.fused is not None
+    assert plain.runner.decode_step.fused is None  # on the CPU the unfused blocks by default
+    fused.runner.decode_step.fused = decode_fused.FusedBlocks(fused.model)
     calls = _spy_gemv(monkeypatch)
     cfg = fused.model.config
     for _ in range(3):
@@ -48,8 +48,11 @@ def test_fused_blocks_equal_unfused_blocks(case, monkeypatch):
 
 
 def test_finch_without_c2_and_large_batches_keep_the_unfused_blocks():
+    from engine.decode_step import DecodeStep
+
     engine = decoding_engine("goldfinch_upgrade_l6_d256", True)  # an x060 (Finch) time mix
-    assert engine.runner.decode_step.fused is None
+    step = DecodeStep(engine.model, engine.cache.rnn, engine.cache.keys, engine.runner.working_sets.pool, fused=True)
+    assert step.fused is None
     assert decode_fused.FusedBlocks.applies(decode_fused.SMALL_BATCH)
     assert not decode_fused.FusedBlocks.applies(decode_fused.SMALL_BATCH + 1)
 
