@@ -34,7 +34,10 @@ FRONT_LORA_ROWS = ("att.time_decay_w1_T", "att.time_value2_w1_T")  # extra rows 
 
 
 def supported(cfg: ModelConfig) -> bool:
-    return cfg.tmix != TMIX_FINCH
+    """Finch-C2 models whose stacked weights' segments fall on the products' 16-column blocks and
+    whose heads are powers of two (the WKV kernel's tiles); others keep the unfused blocks."""
+    aligned = cfg.n_embd % 16 == 0 and cfg.dim_att % 16 == 0 and cfg.dim_ffn % 16 == 0
+    return cfg.tmix != TMIX_FINCH and aligned and cfg.head_size & (cfg.head_size - 1) == 0
 
 
 def front_lora_rows(w: L.LayerWeights, cfg: ModelConfig) -> dict[str, Tensor]:

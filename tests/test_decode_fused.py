@@ -3,10 +3,13 @@ states and caches step after step (on the CPU through the kernels' references; `
 the engine with the Triton kernels against the plain path)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import engine.decode_fused as decode_fused
+from conftest import load_model
 from test_decode_step import decoding_engine
 
 
@@ -54,12 +57,13 @@ def test_finch_without_c2_and_large_batches_keep_the_unfused_blocks():
     step = DecodeStep(engine.model, engine.cache.rnn, engine.cache.keys, engine.runner.working_sets.pool, fused=True)
     assert step.fused is None
     assert decode_fused.FusedBlocks.applies(decode_fused.SMALL_BATCH)
+    c2 = load_model("goldfinch_l6_d128").config
+    assert decode_fused.supported(c2)
+    assert not decode_fused.supported(dataclasses.replace(c2, dim_ffn=c2.dim_ffn + 8))  # not on 16-column blocks
     assert not decode_fused.FusedBlocks.applies(decode_fused.SMALL_BATCH + 1)
 
 
 def test_stacked_front_rows_are_the_transposed_loras():
-    from conftest import load_model
-
     model = load_model("goldfinch_l6_d128")
     w, cfg = model.blocks[0], model.config
     stacked = w[decode_fused.L.TMIX_STACKED]
