@@ -1,16 +1,18 @@
-"""Decode with the fused blocks (`engine.decode_fused`) against the unfused ones, in one process, at
-the 1.5B shape (random weights, bf16) on the GPU.
+"""Decode with the fused blocks (`engine.decode_fused`) against the unfused ones, and the fused blocks
+without programmatic dependent launch (`kernels.pdl`), in one process, at the 1.5B shape (random
+weights, bf16) on the GPU.
 
     python benchmarks/bench_decode_fused.py [--cases 1x4096,8x4096,16x4096,1x131072] [--rounds 2] [--out DIR]
 
 Each case BATCHxCONTEXT decodes through the engine as `bench_model.py --decode` does (K/V working
 sets, decode steps replayed from CUDA graphs); the arms alternate within each round on one model,
 the engine rebuilt per arm (so the decode step and its graphs are). Reported: the graph replay time
-of one step and tokens per second, per arm and round, and the fused arm's speed-up.
+of one step and tokens per second, per arm and round, and the fused arm's speed-up over each.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,8 +27,9 @@ from gpu_timing import commit_id, write_result  # noqa: E402
 import engine.decode_step as decode_step  # noqa: E402
 from engine.model import GoldFinchModel  # noqa: E402
 from engine.random_model import PAPER_1B5_CONFIG, random_checkpoint  # noqa: E402
+from kernels import pdl  # noqa: E402
 
-ARMS = ("unfused", "fused")
+ARMS = ("unfused", "fused_no_pdl", "fused")
 
 
 def main() -> None:
@@ -44,7 +47,8 @@ def main() -> None:
     try:
         for _ in range(args.rounds):
             for arm in ARMS:
-                decode_step.fused_supported = supported if arm == "fused" else (lambda cfg: False)
+                decode_step.fused_supported = supported if arm != "unfused" else (lambda cfg: False)
+                os.environ[pdl.ENV_VAR] = "0" if arm == "fused_no_pdl" else "1"
                 for r in bench_decode(model, [(b, c, "sets") for b, c in cases], deadline):
                     if "graph_ms" in r:
                         rows.setdefault((r["batch"], r["context"]), {}).setdefault(arm, []).append(
@@ -52,15 +56,18 @@ def main() -> None:
                 torch.cuda.empty_cache()
     finally:
         decode_step.fused_supported = supported
+        os.environ.pop(pdl.ENV_VAR, None)
     device = torch.cuda.get_device_name()
     lines = [f"# Decode, fused vs unfused blocks ({device}, commit {commit_id()}, {time.strftime('%Y-%m-%d')})", "",
-             "| batch x context | unfused graph ms (tok/s) | fused graph ms (tok/s) | speed-up (median graph ms) |",
-             "| --- | --- | --- | --- |"]
+             f"PDL for launches of at most {pdl.MAX_ROWS} rows; graph ms (tok/s) per round", "",
+             "| batch x context | unfused | fused, no PDL | fused | fused vs unfused | fused vs no PDL |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for (b, c), arms in sorted(rows.items()):
         cell = lambda a: ", ".join(f"{ms:.3f} ({tps:,.0f})" for ms, tps in arms.get(a, []))  # noqa: E731
         med = {a: sorted(ms for ms, _ in arms[a])[len(arms[a]) // 2] for a in ARMS if arms.get(a)}
-        ratio = f"{med['unfused'] / med['fused']:.2f}x" if len(med) == 2 else "-"
-        lines.append(f"| {b} x {c} | {cell('unfused')} | {cell('fused')} | {ratio} |")
+        ratio = lambda a: f"{med[a] / med['fused']:.3f}x" if a in med and "fused" in med else "-"  # noqa: E731
+        lines.append(f"| {b} x {c} | {cell('unfused')} | {cell('fused_no_pdl')} | {cell('fused')} | {ratio('unfused')} "
+                     f"| {ratio('fused_no_pdl')} |")
     result = {"device": device, "commit": commit_id(), "cases": [
         {"batch": b, "context": c, **arms} for (b, c), arms in sorted(rows.items())]}
     write_result(args.out, f"bench_decode_fused_{commit_id()}", result, "\n".join(lines) + "\n")

@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch import Tensor
+
+from . import pdl
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -25,7 +28,7 @@ def decode_norm_mix_fwd_kernel(
     x_ptr, stride_x, add_ptr, stride_add, ln_w_ptr, ln_b_ptr, ln_out_ptr, prev_ptr, stride_prev, mix_ptr, out_ptr,
     w1t_ptr, h_ptr, B, K, R, eps,
     HAS_ADD: tl.constexpr, STORE_LN: tl.constexpr, STORE_MIX: tl.constexpr, N_MIX: tl.constexpr,  # N_MIX <= 2
-    HAS_LORA: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr,
+    HAS_LORA: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr,
 ):
     b, i_r = tl.program_id(0), tl.program_id(1)
     cols = tl.arange(0, KP)
@@ -34,6 +37,9 @@ def decode_norm_mix_fwd_kernel(
     if HAS_LORA:
         o_r = i_r * BR + tl.arange(0, BR)
         w1t = tl.load(w1t_ptr + o_r[:, None] * K + cols[None, :], mask=(o_r < R)[:, None] & m[None, :], other=0.)
+    if PDL:  # (`kernels.pdl`) the LoRA weight depends on no earlier kernel: loaded before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     # every load first: the reductions below synchronise the warps, and loads after them would
     # wait for memory only then (one program a row: its latency is the kernel's)
     x = tl.load(x_ptr + b * stride_x + cols, mask=m, other=0.)
@@ -119,10 +125,12 @@ def decode_norm_mix(x: Tensor, ln: tuple[Tensor, Tensor, float], ln_out: Tensor 
     # a LoRA's columns split over programs (each re-derives the row): BR rows of w1 in registers
     BR = max(1, min(triton.next_power_of_2(R), 16384 // KP)) if R else 1
     grid = (B, triton.cdiv(R, BR) if R else 1)
+    use_pdl = pdl.enabled(x.device, B)
     decode_norm_mix_fwd_kernel[grid](
         x, x.stride(0), addend if addend is not None else x, addend.stride(0) if addend is not None else 0,
         ln[0], ln[1], ln_out if ln_out is not None else x, prev if prev is not None else x,
         prev.stride(0) if prev is not None else 0, mix if mix is not None else x, out if out is not None else x,
         lora_w1t if lora_w1t is not None else x, lora_out if lora_out is not None else x, B, K, R, float(ln[2]),
         HAS_ADD=addend is not None, STORE_LN=ln_out is not None, STORE_MIX=out is not None, N_MIX=G,
-        HAS_LORA=lora_w1t is not None, KP=KP, BR=BR, num_warps=4 if KP * BR <= 8192 else 8)
+        HAS_LORA=lora_w1t is not None, KP=KP, BR=BR, PDL=use_pdl, num_warps=4 if KP * BR <= 8192 else 8,
+        **pdl.launch_options(use_pdl))

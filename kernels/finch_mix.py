@@ -14,7 +14,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch import Tensor
+
+from . import pdl
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -24,8 +27,11 @@ def finch_mix_fwd_kernel(
     x_ptr, prev_ptr, h_ptr, w2_ptr, maa_ptr, out_ptr,
     N, C, stride_x, stride_prev, stride_h,
     N_MIX: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-    SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # (`kernels.pdl`)
+        gdc_wait()
+        gdc_launch_dependents()
     i_m, i_c = tl.program_id(0), tl.program_id(1)
     rows = i_m * BM + tl.arange(0, BM)
     cols = i_c * BC + tl.arange(0, BC)
@@ -95,8 +101,10 @@ def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shift
     w2, maa = w2.contiguous(), maa.contiguous()
     BM, BC, warps = tiles or (DECODE_TILES if N <= DECODE_ROWS else TILES)
     BC = min(BC, triton.next_power_of_2(C))
+    use_pdl = pdl.enabled(x.device, N)
     finch_mix_fwd_kernel[(triton.cdiv(N, BM), triton.cdiv(C, BC))](
         x, prev, h, w2, maa, out, N, C, x.stride(0), prev.stride(0), h.stride(0),
         N_MIX=n_mix, R=R, BR=max(16, triton.next_power_of_2(R)), BM=BM, BC=BC, SHIFTED=shifted,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, num_warps=warps,
+        **pdl.launch_options(use_pdl))
     return out

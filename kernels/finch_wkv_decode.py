@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch import Tensor
+
+from . import pdl
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -31,7 +34,7 @@ def finch_wkv_decode_fwd_kernel(
     td_ptr, dw2_ptr, vw2_ptr, u_ptr, out_ptr, state_ptr, slots_ptr, stride_ss, stride_sh,
     A, R_W, R_V,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BR_W: tl.constexpr, BR_V: tl.constexpr,
-    ONE_MINUS_W: tl.constexpr, HAS_V2: tl.constexpr,
+    ONE_MINUS_W: tl.constexpr, HAS_V2: tl.constexpr, PDL: tl.constexpr,
 ):
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dtype = out_ptr.dtype.element_ty
@@ -42,20 +45,24 @@ def finch_wkv_decode_fwd_kernel(
     # every load first (the reductions below synchronise the warps; a load after one would only
     # then start waiting for memory)
     o_rw = tl.arange(0, BR_W)
-    hid = tl.load(dh_ptr + i_n * stride_dh + o_rw, mask=o_rw < R_W, other=0.).to(tl.float32)
     w2 = tl.load(dw2_ptr + o_rw[:, None] * A + ch_k[None, :], mask=(o_rw < R_W)[:, None], other=0.).to(tl.float32)
     td = tl.load(td_ptr + ch_k).to(tl.float32)
+    b_u = tl.load(u_ptr + ch_k).to(tl.float32)
+    if HAS_V2:
+        o_rv = tl.arange(0, BR_V)
+        vw2 = tl.load(vw2_ptr + o_rv[:, None] * A + ch_v[None, :], mask=(o_rv < R_V)[:, None], other=0.).to(tl.float32)
+    if PDL:  # (`kernels.pdl`) the weights above depend on no earlier kernel: loaded before the wait
+        gdc_wait()
+        gdc_launch_dependents()
+    hid = tl.load(dh_ptr + i_n * stride_dh + o_rw, mask=o_rw < R_W, other=0.).to(tl.float32)
     b_k = tl.load(k_ptr + row + ch_k).to(tl.float32)
     b_r = tl.load(r_ptr + row + ch_k).to(tl.float32)
-    b_u = tl.load(u_ptr + ch_k).to(tl.float32)
     b_v = tl.load(v_ptr + row + ch_v).to(tl.float32)
     slot = tl.load(slots_ptr + i_n).to(tl.int64)
     p_s = state_ptr + slot * stride_ss + i_h * stride_sh + o_k[:, None] * V + o_v[None, :]
     b_s = tl.load(p_s)
     if HAS_V2:
-        o_rv = tl.arange(0, BR_V)
         hid_v = tl.load(vh_ptr + i_n * stride_vh + o_rv, mask=o_rv < R_V, other=0.).to(tl.float32)
-        vw2 = tl.load(vw2_ptr + o_rv[:, None] * A + ch_v[None, :], mask=(o_rv < R_V)[:, None], other=0.).to(tl.float32)
         b_v2 = tl.load(v2_ptr + row + ch_v).to(tl.float32)
     # the head's decay: its columns of the LoRA's second product
     lora = tl.sum(_tanh(hid).to(dtype).to(tl.float32)[:, None] * w2, 0).to(dtype).to(tl.float32)
@@ -115,6 +122,7 @@ def finch_wkv_decode(r: Tensor, k: Tensor, v: Tensor, decay_hidden: Tensor, time
         _rows("value2_w2", value2_w2, (R_v, A), r, A)
     out = torch.empty((N, A), dtype=r.dtype, device=r.device)
     BV = min(V, 16)  # narrow tiles: a small batch spreads over (N x H x V / 16) programs
+    use_pdl = pdl.enabled(r.device, N)
     finch_wkv_decode_fwd_kernel[(N, H, V // BV)](
         r, k, v, v2 if v2 is not None else r, r.stride(0), decay_hidden, decay_hidden.stride(0),
         value2_hidden if value2_hidden is not None else decay_hidden,
@@ -122,5 +130,5 @@ def finch_wkv_decode(r: Tensor, k: Tensor, v: Tensor, decay_hidden: Tensor, time
         value2_w2 if value2_w2 is not None else decay_w2, u, out, state_pool, slots,
         state_pool.stride(0), state_pool.stride(1), A, R_w, R_v,
         K=K, V=V, BV=BV, BR_W=triton.next_power_of_2(R_w), BR_V=triton.next_power_of_2(R_v),
-        ONE_MINUS_W=use_one_minus_w, HAS_V2=v2 is not None, num_warps=2)
+        ONE_MINUS_W=use_one_minus_w, HAS_V2=v2 is not None, PDL=use_pdl, num_warps=2, **pdl.launch_options(use_pdl))
     return out

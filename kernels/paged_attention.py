@@ -30,7 +30,10 @@ import torch
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch import Tensor
+
+from . import pdl
 
 LOG2E = 1.4426950408889634
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -47,8 +50,11 @@ def paged_decode_attention_fwd_kernel(
     stride_ob, stride_oh,  # out [B, H, D] (used only when NUM_SPLITS == 1)
     max_pages, qk_scale,  # qk_scale = scale * log2(e)
     NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # (`kernels.pdl`)
+        gdc_wait()
+        gdc_launch_dependents()
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
     o_p = tl.arange(0, PAGE)
@@ -98,8 +104,11 @@ def paged_decode_attention_fwd_kernel(
 def paged_decode_attention_reduce_kernel(
     m_ptr, l_ptr, acc_ptr, o_ptr,
     stride_ob, stride_oh,
-    NUM_SPLITS: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # (`kernels.pdl`)
+        gdc_wait()
+        gdc_launch_dependents()
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_b64 = i_b.to(tl.int64)
     o_s = tl.arange(0, BS)
@@ -147,18 +156,20 @@ def paged_decode_attention_fwd(q: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
         l = torch.empty_like(m)
         acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
     qs, ks, vs, os_ = q.stride(), k_pages.stride(), v_pages.stride(), out.stride()
+    use_pdl = pdl.enabled(q.device, B)
     paged_decode_attention_fwd_kernel[(B, H, num_splits)](
         q, k_pages, v_pages, block_tables, seq_lens, m, l, acc, out,
         qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], block_tables.stride(0), os_[0], os_[1],
         block_tables.shape[1], scale * LOG2E,
-        NUM_SPLITS=num_splits, PAGE=page, D=D, BD=BD, NUM_STAGES=num_stages or DEFAULT_STAGES,
-        num_warps=num_warps,
+        NUM_SPLITS=num_splits, PAGE=page, D=D, BD=BD, NUM_STAGES=num_stages or DEFAULT_STAGES, PDL=use_pdl,
+        num_warps=num_warps, **pdl.launch_options(use_pdl),
     )
     if num_splits > 1:
         BS = triton.next_power_of_2(num_splits)
         paged_decode_attention_reduce_kernel[(B, H)](
             m, l, acc, out, os_[0], os_[1],
-            NUM_SPLITS=num_splits, BS=BS, D=D, BD=BD, num_warps=4 if BS * BD >= 2048 else 2,
+            NUM_SPLITS=num_splits, BS=BS, D=D, BD=BD, PDL=use_pdl, num_warps=4 if BS * BD >= 2048 else 2,
+            **pdl.launch_options(use_pdl),
         )
     return out
 
