@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from kernels.dispatch import gold_kv_derive
+from kernels.gold_kv_derive_reference import GoldKVDeriveWeights
 
 from . import layers as L
 from .config import ModelConfig
@@ -44,16 +45,23 @@ DECOMPRESSED_ROWS_LIMIT = 1 << 18
 # compiled functions' kernels stay below 2^31 elements (a 1M-token history in one piece made
 # inductor compile a second, 64-bit-indexed variant inside the request: 1M prefill 138K -> 75K tok/s)
 DERIVE_PIECE_ROWS = 1 << 17
+# Up to this many packed rows, a step derives every GOLD layer's keys and values in one launch when
+# the first layer asks (H100, 1.5B shape, 8 layers: 4,096 rows 1.53 -> 1.06 ms, 2,048 rows 0.79 ->
+# 0.52, 16,384 rows 4.71 -> 4.46), holding them all for the step (64 KB a row: 1 GiB at the limit)
+STACKED_DERIVE_ROWS = 1 << 14
 
 
 class StepKeys:
     def __init__(self, config: ModelConfig, decompress, keys_view, context_lens: tuple[int, ...],
-                 query_lens: tuple[int, ...], ops=None) -> None:
+                 query_lens: tuple[int, ...], ops=None, stacked_weights: GoldKVDeriveWeights | None = None) -> None:
         """`ops`: a `layer_ops.LayerOps` whose functions are chosen by the rows they get (a decode
         step may derive a 100K-token history: that is a long prefill's work, compiled); None: the
-        plain `layers` functions."""
+        plain `layers` functions. `stacked_weights`: every GOLD layer's derivation weights stacked
+        (`GoldFinchModel.gold_derive_weights`), to derive all layers in one launch."""
         self.config = config
         self._ops = ops
+        self._stacked_weights = stacked_weights
+        self._all_layers: tuple[Tensor, Tensor] | None = None  # [n_gold, N, C] keys and values
         self.pool = getattr(keys_view, "kv_pool", None)
         self.context_lens, self.query_lens = context_lens, query_lens
         # keys and values of the sequences with sets derived and stored by one kernel per layer
@@ -131,8 +139,7 @@ class StepKeys:
         out: dict[int, tuple[Tensor, Tensor] | None] = {}
         if self.with_set:
             if self._fused_derive:
-                keys, values = gold_kv_derive(self.proto, self.prev_proto, self.values_in, self.prev_values,
-                                              L.gold_kv_derive_weights(w), self.row_slots, *self.pool.flat_layer(j))
+                keys, values = self._derived(j, w)
             else:
                 keys, values = self._packed_keys_values(w)
                 keys = self._rotate(keys, self.positions)
@@ -147,6 +154,17 @@ class StepKeys:
                 else:
                     out[i] = self.pool.gather(j, h.working_set.pages, self.context_lens[i] + self.query_lens[i])
         return out
+
+    def _derived(self, j: int, w: L.LayerWeights) -> tuple[Tensor, Tensor]:
+        """Layer j's keys and values of the packed rows by the derivation kernel, stored to the
+        pages: all layers at once when the first asks (up to STACKED_DERIVE_ROWS rows), else this one."""
+        inputs = (self.proto, self.prev_proto, self.values_in, self.prev_values)
+        if self._stacked_weights is None or self.proto.shape[0] > STACKED_DERIVE_ROWS:
+            return gold_kv_derive(*inputs, L.gold_kv_derive_weights(w), self.row_slots, *self.pool.flat_layer(j))
+        if self._all_layers is None:
+            self._all_layers = gold_kv_derive(*inputs, self._stacked_weights, self.row_slots,
+                                              *self.pool.flat_all_layers())
+        return self._all_layers[0][j], self._all_layers[1][j]
 
     def _packed_keys_values(self, w: L.LayerWeights) -> tuple[Tensor, Tensor]:
         """Keys and values of the packed rows of the sequences with sets (each given with its

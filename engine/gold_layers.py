@@ -62,7 +62,8 @@ class GoldLayers:
             x, batch, keys = self._gold_subset(x, batch, keys, keep)
             win = _Windows(starts=[0] * len(keep), lens=list(batch.query_lens))
         x, win = self._gold_input_window(x, win, batch.all_logits)
-        step_keys = StepKeys(cfg, self.decompress, keys, batch.context_lens, batch.query_lens, self.ops)
+        step_keys = StepKeys(cfg, self.decompress, keys, batch.context_lens, batch.query_lens, self.ops,
+                             self.gold_derive_weights)
         for j, layer in enumerate(range(cfg.gold_start, cfg.n_layer)):
             x, win = self._gold_block(layer, j, x, win, batch, rnn, step_keys)
         step_keys.finish()

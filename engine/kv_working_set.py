@@ -65,6 +65,11 @@ class PagedKVPool:
         c = self.keys.shape[-1]
         return self.keys[j].view(-1, c), self.values[j].view(-1, c)
 
+    def flat_all_layers(self) -> tuple[Tensor, Tensor]:
+        """Every layer's keys and values as [n_gold, num_slots, C] views."""
+        n, c = self.keys.shape[0], self.keys.shape[-1]
+        return self.keys.view(n, -1, c), self.values.view(n, -1, c)
+
     def flat_slot_array(self, pages: list[int], start: int, end: int) -> np.ndarray:
         """Flat row index (page * page_size + offset) of positions [start, end) of a page table,
         on the host (a step packs several sequences' into one copy)."""

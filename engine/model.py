@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.dispatch import wkv_decode, wkv_prefill
+from kernels.gold_kv_derive_reference import GoldKVDeriveWeights
 
 from . import decode_fused
 from . import layers as L
@@ -46,6 +47,11 @@ class GoldFinchModel(GoldLayers):
         self.ln_out = (w["ln_out.weight"], w["ln_out.bias"])
         self.w_compress, self.w_decompress = w["w_kv_cache_a.weight"], w["w_kv_cache_b.weight"]
         self.gold_work = GoldWorkCounter()
+        # every GOLD layer's key/value derivation weights stacked once (a prompt's last step derives
+        # all layers in one launch: `gold_keys.StepKeys`); ~21 MB at the 1.5B shape
+        per_layer = [L.gold_kv_derive_weights(self.blocks[i]) for i in range(self.config.gold_start, self.config.n_layer)]
+        self.gold_derive_weights = (GoldKVDeriveWeights(*(torch.stack(ts) for ts in zip(*per_layer)))
+                                    if per_layer else None)
         self.ops = LayerOps(compile_requested(self.device) if compile_layers is None else compile_layers)
 
     def _stack_projections(self, weights: dict[str, Tensor]) -> None:

@@ -42,13 +42,32 @@ def gold_kv_derive_fwd_kernel(
     maa_k_ptr, maa_v_ptr,  # [C] each
     key_w1_ptr, key_w2_ptr, value_w1_ptr, value_w2_ptr,  # [C, R]; [R, C]; [C, R]; [R, C]
     ln_k_w_ptr, ln_k_b_ptr, ln_v_w_ptr, ln_v_b_ptr,  # [C] each
-    slots_ptr, keys_ptr, values_ptr, key_pages_ptr, value_pages_ptr,  # [N] int64 (-1: not stored); [N, C] x2; [S, C] x2
-    N, eps,
+    slots_ptr, keys_ptr, values_ptr, key_pages_ptr, value_pages_ptr,  # [N] int64 (-1: not stored); [L, N, C] x2; [L, S, C] x2
+    N, eps, page_layer_stride,  # the pages' layer stride (elements; each layer's [S, C] contiguous)
     C: tl.constexpr, R_MIX: tl.constexpr, R: tl.constexpr, R_MIX_PAD: tl.constexpr, R_PAD: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_m, kind = tl.program_id(0), tl.program_id(1)  # kind 0: keys, 1: values
+    i_m, kind, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # kind 0: keys, 1: values
+    # the layer's weights (each stacked [L, ...] contiguous), outputs and pages
+    layer64 = layer.to(tl.int64)
+    maa_v_cache_ptr += layer64 * C
+    maa_w1_ptr += layer64 * (C * 2 * R_MIX)
+    maa_w2_ptr += layer64 * (2 * R_MIX * C)
+    maa_k_ptr += layer64 * C
+    maa_v_ptr += layer64 * C
+    key_w1_ptr += layer64 * (C * R)
+    key_w2_ptr += layer64 * (R * C)
+    value_w1_ptr += layer64 * (C * R)
+    value_w2_ptr += layer64 * (R * C)
+    ln_k_w_ptr += layer64 * C
+    ln_k_b_ptr += layer64 * C
+    ln_v_w_ptr += layer64 * C
+    ln_v_b_ptr += layer64 * C
+    keys_ptr += layer64 * N * C
+    values_ptr += layer64 * N * C
+    key_pages_ptr += layer64 * page_layer_stride
+    value_pages_ptr += layer64 * page_layer_stride
     # one branch picks the kind's tensors: both kinds share a launch (twice the programs)
     if kind == 0:
         base_ptr, prev_ptr, maa_ptr = proto_ptr, prev_proto_ptr, maa_k_ptr
@@ -135,14 +154,16 @@ def _padded(rank: int) -> int:
 
 def _launch(proto: Tensor, prev_proto: Tensor, tv: Tensor, prev_tv: Tensor, w: GoldKVDeriveWeights,
             slots: Tensor, keys: Tensor, values: Tensor, key_pages: Tensor, value_pages: Tensor, eps: float) -> None:
+    """Stacked form: weights [L, ...], keys/values [L, N, C], pages [L, S, C]."""
     N, C = proto.shape
-    r, R = w.maa_w2.shape[1], w.key_w1.shape[1]
+    n_layers = w.maa_w1.shape[0]
+    r, R = w.maa_w2.shape[2], w.key_w1.shape[2]
     BM, BC, warps = _tiles(N, C)
     precision = "ieee" if proto.dtype == torch.float32 else "tf32"
-    gold_kv_derive_fwd_kernel[(triton.cdiv(N, BM), 2)](
+    gold_kv_derive_fwd_kernel[(triton.cdiv(N, BM), 2, n_layers)](
         proto, prev_proto, tv, prev_tv, *(t.contiguous() for t in w), slots, keys, values, key_pages, value_pages,
-        N, eps, C=C, R_MIX=r, R=R, R_MIX_PAD=_padded(r), R_PAD=_padded(R), BM=BM, BC=BC, DOT_PRECISION=precision,
-        num_warps=warps)
+        N, eps, key_pages.stride(0), C=C, R_MIX=r, R=R, R_MIX_PAD=_padded(r), R_PAD=_padded(R), BM=BM, BC=BC,
+        DOT_PRECISION=precision, num_warps=warps)
 
 
 # A program re-reads the layer's LoRA weights (1.3 MB per kind at C = 2048) for its BM rows: many
@@ -162,6 +183,7 @@ def _tiles(N: int, C: int) -> tuple[int, int, int]:
 
 def _check(proto_keys: Tensor, tensors: dict[str, Tensor], w: GoldKVDeriveWeights, row_slots: Tensor,
            key_pages: Tensor, value_pages: Tensor) -> None:
+    """Stacked form (weights [L, ...], pages [L, S, C])."""
     N, C = proto_keys.shape
     for name, t in tensors.items():
         if t.shape != (N, C) or t.dtype != proto_keys.dtype or t.device != proto_keys.device:
@@ -169,13 +191,15 @@ def _check(proto_keys: Tensor, tensors: dict[str, Tensor], w: GoldKVDeriveWeight
                              f"got {list(t.shape)} {t.dtype} on {t.device}")
     if proto_keys.dtype not in _FLOATS:
         raise ValueError(f"proto_keys: dtype {proto_keys.dtype} not in {_FLOATS}")
-    r2 = w.maa_w1.shape[1]
-    R = w.key_w1.shape[1]
+    n_layers, r2, R = w.maa_w1.shape[0], w.maa_w1.shape[-1], w.key_w1.shape[-1]
     for name, t, shape in (("maa_w1", w.maa_w1, (C, r2)), ("maa_w2", w.maa_w2, (2, r2 // 2, C)),
                            ("key_w1", w.key_w1, (C, R)), ("value_w1", w.value_w1, (C, R)),
-                           ("key_w2", w.key_w2, (R, C)), ("value_w2", w.value_w2, (R, C))):
-        if tuple(t.shape) != shape or t.dtype != proto_keys.dtype:
-            raise ValueError(f"weights.{name}: expected {list(shape)} {proto_keys.dtype}, got {list(t.shape)} {t.dtype}")
+                           ("key_w2", w.key_w2, (R, C)), ("value_w2", w.value_w2, (R, C))) + tuple(
+            (name, getattr(w, name), (C,)) for name in ("maa_v_cache", "maa_k", "maa_v", "ln_k_weight", "ln_k_bias",
+                                                      "ln_v_weight", "ln_v_bias")):
+        if tuple(t.shape) != (n_layers, *shape) or t.dtype != proto_keys.dtype:
+            raise ValueError(f"weights.{name}: expected {list(shape)} (or [L, ...] stacked) {proto_keys.dtype}, "
+                             f"got {list(t.shape)} {t.dtype}")
     if C % 16:
         raise ValueError(f"proto_keys: the channel count must be a multiple of 16, got {C}")
     if r2 % 2 or r2 == 0 or R == 0:
@@ -183,8 +207,10 @@ def _check(proto_keys: Tensor, tensors: dict[str, Tensor], w: GoldKVDeriveWeight
     if row_slots.shape != (N,) or row_slots.dtype != torch.int64:
         raise ValueError(f"row_slots: expected [{N}] int64, got {list(row_slots.shape)} {row_slots.dtype}")
     for name, p in (("key_pages", key_pages), ("value_pages", value_pages)):
-        if p.dim() != 2 or p.shape[1] != C or not p.is_contiguous() or p.dtype != key_pages.dtype:
-            raise ValueError(f"{name}: expected contiguous [S, {C}] {key_pages.dtype}, got {list(p.shape)} {p.dtype}")
+        if (p.dim() != 3 or p.shape[0] != n_layers or p.shape[2] != C or not p[0].is_contiguous()
+                or p.stride() != key_pages.stride() or p.dtype != key_pages.dtype):
+            raise ValueError(f"{name}: expected [S, {C}] (or [{n_layers}, S, {C}]) {key_pages.dtype}, each layer "
+                             f"contiguous, as key_pages; got {list(p.shape)} {p.dtype} strides {p.stride()}")
 
 
 def gold_kv_derive(proto_keys: Tensor, prev_proto_keys: Tensor, token_values: Tensor, prev_token_values: Tensor,
@@ -195,13 +221,24 @@ def gold_kv_derive(proto_keys: Tensor, prev_proto_keys: Tensor, token_values: Te
     flattened), unless that slot is -1.
 
     proto_keys, prev_proto_keys, token_values, prev_token_values: [N, C], each row's inputs and its
-    predecessor's (zeros before a history's first token). `w`: see `GoldKVDeriveWeights`."""
+    predecessor's (zeros before a history's start). `w`: see `GoldKVDeriveWeights`.
+
+    Several layers in one launch: every weight stacked [L, ...] (contiguous), pages [L, S, C] (each
+    layer's [S, C] contiguous, e.g. a view of the working-set pool); returns keys and values
+    [L, N, C]. (A prompt's last step derives all GOLD layers from the same inputs: at 4,096 rows one
+    layer is 128 programs, less than a wave of an H100.)"""
     tensors = {"proto_keys": proto_keys, "prev_proto_keys": prev_proto_keys, "token_values": token_values,
                "prev_token_values": prev_token_values}
+    stacked = w.maa_w1.dim() == 3
+    if not stacked:
+        w = GoldKVDeriveWeights(*(t[None] for t in w))
+        key_pages, value_pages = key_pages[None], value_pages[None]
     _check(proto_keys, tensors, w, row_slots, key_pages, value_pages)
     proto_keys, prev_proto_keys, token_values, prev_token_values = (t.contiguous() for t in tensors.values())
-    keys, values = torch.empty_like(proto_keys), torch.empty_like(token_values)
-    if proto_keys.shape[0]:
+    n_layers, (N, C) = w.maa_w1.shape[0], proto_keys.shape
+    keys = torch.empty((n_layers, N, C), dtype=proto_keys.dtype, device=proto_keys.device)
+    values = torch.empty_like(keys)
+    if N:
         _launch(proto_keys, prev_proto_keys, token_values, prev_token_values, w, row_slots.contiguous(), keys, values,
                 key_pages, value_pages, eps)
-    return keys, values
+    return (keys, values) if stacked else (keys[0], values[0])

@@ -40,7 +40,12 @@ class GoldKVDeriveWeights(NamedTuple):
 def gold_kv_derive_reference(proto_keys: Tensor, prev_proto_keys: Tensor, token_values: Tensor,
                              prev_token_values: Tensor, w: GoldKVDeriveWeights, row_slots: Tensor,
                              key_pages: Tensor, value_pages: Tensor) -> tuple[Tensor, Tensor]:
-    """Same contract as `kernels.gold_kv_derive.gold_kv_derive`."""
+    """Same contract as `kernels.gold_kv_derive.gold_kv_derive` (one layer, or several stacked)."""
+    if w.maa_w1.dim() == 3:
+        out = [gold_kv_derive_reference(proto_keys, prev_proto_keys, token_values, prev_token_values,
+                                        GoldKVDeriveWeights(*(t[i] for t in w)), row_slots, key_pages[i],
+                                        value_pages[i]) for i in range(w.maa_w1.shape[0])]
+        return torch.stack([k for k, _ in out]), torch.stack([v for _, v in out])
     k, k_prev, xo, xo_prev = proto_keys, prev_proto_keys, token_values, prev_token_values
     r = w.maa_w2.shape[1]
     dxo = xo_prev - xo

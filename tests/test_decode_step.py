@@ -82,3 +82,46 @@ def test_compile_threshold_knob(monkeypatch):
     monkeypatch.setenv(MIN_COMPILED_ENV_VAR, "lots")
     with pytest.raises(ValueError, match=MIN_COMPILED_ENV_VAR):
         LayerOps(True)
+
+
+def test_prompt_steps_derive_every_gold_layer_in_one_call(monkeypatch):
+    """With working sets, a prompt's keys and values of all GOLD layers come from one stacked
+    derivation call (`gold_keys.STACKED_DERIVE_ROWS`); logits, pools and states equal one call per
+    layer's."""
+    import engine.gold_keys as gold_keys
+
+    calls: list[int] = []
+    logits: list[torch.Tensor] = []
+    real_derive, real_execute = gold_keys.gold_kv_derive, model_runner.ModelRunner.execute
+
+    def spy(*args):
+        calls.append(args[4].maa_w1.shape[0] if args[4].maa_w1.dim() == 3 else 1)
+        return real_derive(*args)
+
+    def recorded(self, sched):
+        logits.append(real_execute(self, sched))
+        return logits[-1]
+
+    monkeypatch.setattr(gold_keys, "gold_kv_derive", spy)
+    monkeypatch.setattr(model_runner.ModelRunner, "execute", recorded)
+    stacked = decoding_engine("goldfinch_l6_d128", True)
+    n_gold = stacked.model.config.n_gold
+    assert calls and all(n == n_gold for n in calls)
+    stacked_logits = list(logits)
+    calls.clear()
+    logits.clear()
+    monkeypatch.setattr(gold_keys, "STACKED_DERIVE_ROWS", 0)
+    per_layer = decoding_engine("goldfinch_l6_d128", True)
+    assert calls and all(n == 1 for n in calls)
+    assert len(logits) == len(stacked_logits) and all(torch.equal(x, y) for x, y in zip(logits, stacked_logits))
+    a, b = stacked, per_layer
+    assert [s.output_token_ids for s in a.scheduler.running] == [s.output_token_ids for s in b.scheduler.running]
+    pa, pb = a.runner.working_sets.pool, b.runner.working_sets.pool
+    for seq_a, seq_b in zip(a.scheduler.running, b.scheduler.running):
+        ws_a, ws_b = a.runner.working_sets.get(seq_a), b.runner.working_sets.get(seq_b)
+        assert ws_a.length == ws_b.length > 0
+        for j in range(n_gold):
+            ka, va = pa.gather(j, ws_a.pages, ws_a.length)
+            kb, vb = pb.gather(j, ws_b.pages, ws_b.length)
+            assert torch.equal(ka, kb) and torch.equal(va, vb)
+    assert torch.equal(a.cache.rnn.wkv, b.cache.rnn.wkv)

@@ -90,6 +90,37 @@ def test_kernel_matches_reference(N, C, r, R, dtype):
     assert kp[untouched].isnan().all() and vp[untouched].isnan().all()
 
 
+def _stack(ws: list[GoldKVDeriveWeights]) -> GoldKVDeriveWeights:
+    return GoldKVDeriveWeights(*(torch.stack(ts) for ts in zip(*ws)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,C,R", [(17, 64, 64), (40, 128, 40)])
+def test_stacked_layers_equal_one_call_per_layer(N, C, R, dtype):
+    """Several layers in one launch (weights [L, ...], pages a [L, S, C] view of a pool shaped as
+    the working set's) give each layer exactly what its own call gives, in the layer's pages only."""
+    n_layers, page, n_pages = 3, 8, -(-3 * N // 8) + 2
+    ws = [_weights(C, 16, R, dtype, DEVICE, seed=i) for i in range(n_layers)]
+    proto, prev_proto, values, prev_values, slots = _case(N, C, dtype, DEVICE, n_slots=n_pages * page, seed=7)
+    pool_k = torch.full((n_layers, n_pages + 1, page, C), float("nan"), dtype=dtype, device=DEVICE)
+    pool_v = torch.full_like(pool_k, float("nan"))
+    keys, vals = gold_kv_derive(proto, prev_proto, values, prev_values, _stack(ws), slots,
+                                pool_k.view(n_layers, -1, C), pool_v.view(n_layers, -1, C))
+    assert keys.shape == vals.shape == (n_layers, N, C)
+    for i, w in enumerate(ws):
+        kp, vp = _pages((n_pages + 1) * page, C, dtype, DEVICE)
+        k1, v1 = gold_kv_derive(proto, prev_proto, values, prev_values, w, slots, kp, vp)
+        assert torch.equal(keys[i], k1) and torch.equal(vals[i], v1)
+        # the layer's pages hold what the one-layer call stored, the other slots untouched (NaN)
+        assert torch.equal(pool_k[i].view(-1, C).nan_to_num(7.), kp.nan_to_num(7.))
+        assert torch.equal(pool_v[i].view(-1, C).nan_to_num(7.), vp.nan_to_num(7.))
+    ref_pages = [torch.zeros(n_layers, (n_pages + 1) * page, C, dtype=dtype, device=DEVICE) for _ in range(2)]
+    ref_k, ref_v = gold_kv_derive_reference(proto, prev_proto, values, prev_values, _stack(ws), slots, *ref_pages)
+    assert ref_k.shape == ref_v.shape == (n_layers, N, C)
+    assert _rel(keys.cpu().float(), ref_k.cpu().float()) < TOL[dtype]
+    assert _rel(vals.cpu().float(), ref_v.cpu().float()) < TOL[dtype]
+
+
 def test_reference_is_the_models_arithmetic():
     """The reference equals `layers.gold_keys_values_rows` on the same rows (float32, CPU)."""
     C, N = 64, 9
@@ -121,6 +152,23 @@ def test_bad_inputs_name_the_field():
         gold_kv_derive(proto, prev_proto, values, prev_values, w._replace(key_w2=w.key_w2[:, :32]), slots, kp, vp)
     with pytest.raises(ValueError, match="value_pages"):
         gold_kv_derive(proto, prev_proto, values, prev_values, w, slots, kp, vp[:, :32])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_stacked_layers_at_the_1b5_shape_bf16():
+    C, n_layers, N = 2048, 8, 4096
+    ws = [_weights(C, 32, 128, torch.bfloat16, "cuda", seed=i) for i in range(n_layers)]
+    proto, prev_proto, values, prev_values, slots = _case(N, C, torch.bfloat16, "cuda", n_slots=N + 100)
+    pool_k, pool_v = (torch.full((n_layers, N + 100, C), float("nan"), dtype=torch.bfloat16, device="cuda")
+                      for _ in range(2))
+    keys, vals = gold_kv_derive(proto, prev_proto, values, prev_values, _stack(ws), slots, pool_k, pool_v)
+    for i in (0, 5, 7):
+        kp, vp = _pages(N + 100, C, torch.bfloat16, "cuda")
+        k1, v1 = gold_kv_derive(proto, prev_proto, values, prev_values, ws[i], slots, kp, vp)
+        assert torch.equal(keys[i], k1) and torch.equal(vals[i], v1)
+        assert torch.equal(pool_k[i].nan_to_num(7.), kp.nan_to_num(7.))
+        assert torch.equal(pool_v[i].nan_to_num(7.), vp.nan_to_num(7.))
 
 
 @pytest.mark.gpu
