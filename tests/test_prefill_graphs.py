@@ -66,7 +66,11 @@ def test_padded_chunks_equal_the_plain_step(case):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), f"chunk {i}: {(a - b).abs().max()}"
     for name in ("wkv", "tmix_shift", "cmix_shift"):
         a, b = getattr(s_plain.rnn, name)[:, 0], getattr(s_padded.rnn, name)[:, 0]
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
+        # relative to the state's scale: the upgrade model's WKV states reach ~70, and chunk
+        # boundaries (padding) change the float32 summation order (1.5e-5 = 2e-7 of that with
+        # torch 2.13's CPU kernels; an element-wise 1e-5 failed with torch 2.11's)
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < 2e-6, f"{name}: {err:.2e}"
     a, b = s_plain.keys.read(0), s_padded.keys.read(0)
     assert torch.allclose(a[0], b[0], atol=1e-5, rtol=1e-5) and torch.equal(a[1], b[1])
 
