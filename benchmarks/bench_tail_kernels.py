@@ -6,7 +6,9 @@ the 1.5B shape (C = 2048, 32 heads of 64, LoRA ranks 32 and 128, bf16), on the G
 - `kernels.gold_kv_derive` (keys and values of N history rows, stored to shuffled page slots) against
   `layers.gold_keys_values_rows` eager and compiled plus the scattered copy to the pages (what
   `engine.gold_keys` did before), with the bytes an ideal pass would move (read the four inputs,
-  write keys and values twice: returned and paged) over the card's copy bandwidth;
+  write keys and values twice: returned and paged) over the card's copy bandwidth; and the 1.5B
+  model's 8 GOLD layers derived by 8 launches against one launch of the stacked weights (what a
+  prompt's last step does up to `gold_keys.STACKED_DERIVE_ROWS` rows);
 - `kernels.tail_attention` (17 tail queries, end-aligned, over n keys) against masked SDPA (its
   reference), with the K/V bytes over the copy bandwidth.
 Each timed as GPU time (replayed from a CUDA graph: `gpu_timing.graph_ms`) and as launched from Python
@@ -33,7 +35,7 @@ from kernels.gold_kv_derive_reference import GoldKVDeriveWeights  # noqa: E402
 from kernels.tail_attention import tail_attention  # noqa: E402
 from kernels.tail_attention_reference import tail_attention_reference  # noqa: E402
 
-C, R_MIX, R, H, D, TAIL = 2048, 32, 128, 32, 64, 17
+C, R_MIX, R, H, D, TAIL, N_GOLD = 2048, 32, 128, 32, 64, 17, 8
 
 
 def _weights() -> tuple[GoldKVDeriveWeights, L.LayerWeights]:
@@ -64,7 +66,15 @@ def bench_derive(rows: list[int], gbps: float) -> list[dict]:
             vp.index_copy_(0, slots, v)
 
         kernel = lambda: gold_kv_derive(proto, prev_p, values, prev_v, w, slots, kp, vp)  # noqa: E731
+        pk, pv = (torch.empty(N_GOLD, N + 64, C, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        layers = [w] + [_weights()[0] for _ in range(N_GOLD - 1)]  # each layer its own weights
+        stacked = GoldKVDeriveWeights(*(torch.stack(ts).contiguous() for ts in zip(*layers)))
+        per_layer = lambda: [gold_kv_derive(proto, prev_p, values, prev_v, layers[i], slots, pk[i], pv[i])  # noqa: E731
+                             for i in range(N_GOLD)]
         row = {"rows": N, "kernel_ms": graph_ms(kernel, inner=10), "compiled_ms": graph_ms(lambda: pytorch(compiled), inner=10),
+               "layers_one_launch_ms": graph_ms(lambda: gold_kv_derive(proto, prev_p, values, prev_v, stacked, slots,
+                                                                      pk, pv), inner=5),
+               "layers_per_launch_ms": graph_ms(per_layer, inner=5),
                "eager_ms": graph_ms(lambda: pytorch(L.gold_keys_values_rows), inner=10),
                "kernel_launched_ms": median_ms(kernel), "compiled_launched_ms": median_ms(lambda: pytorch(compiled)),
                "ideal_ms": 8 * N * C * 2 / (gbps * 1e9) * 1e3}
@@ -106,6 +116,10 @@ def main() -> None:
     md += [f"| {r['rows']:,} | {r['kernel_ms'] * 1e3:.0f} us ({r['kernel_launched_ms'] * 1e3:.0f}) | "
            f"{r['compiled_ms'] * 1e3:.0f} us ({r['compiled_launched_ms'] * 1e3:.0f}) | {r['eager_ms'] * 1e3:.0f} us | "
            f"{r['compiled_ms'] / r['kernel_ms']:.2f}x | {r['ideal_ms'] * 1e3:.0f} us |" for r in derive]
+    md += ["", f"| history rows | {N_GOLD} layers, one launch each | one launch (stacked weights) | speed-up |",
+           "| --- | --- | --- | --- |"]
+    md += [f"| {r['rows']:,} | {r['layers_per_launch_ms'] * 1e3:.0f} us | {r['layers_one_launch_ms'] * 1e3:.0f} us | "
+           f"{r['layers_per_launch_ms'] / r['layers_one_launch_ms']:.2f}x |" for r in derive]
     md += ["", f"| keys ({TAIL} tail queries) | tail_attention | masked SDPA | speed-up | K/V bytes at copy bandwidth |",
            "| --- | --- | --- | --- | --- |"]
     md += [f"| {r['keys']:,} | {r['kernel_ms'] * 1e3:.0f} us ({r['kernel_launched_ms'] * 1e3:.0f}) | "
