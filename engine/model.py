@@ -48,10 +48,11 @@ class GoldFinchModel(GoldLayers):
         self.w_compress, self.w_decompress = w["w_kv_cache_a.weight"], w["w_kv_cache_b.weight"]
         self.gold_work = GoldWorkCounter()
         # every GOLD layer's key/value derivation weights stacked once (a prompt's last step derives
-        # all layers in one launch: `gold_keys.StepKeys`); ~21 MB at the 1.5B shape
+        # all layers in one launch: `gold_keys.StepKeys`; not with rotary keys, which that kernel
+        # does not rotate); ~21 MB at the 1.5B shape
         per_layer = [L.gold_kv_derive_weights(self.blocks[i]) for i in range(self.config.gold_start, self.config.n_layer)]
         self.gold_derive_weights = (GoldKVDeriveWeights(*(torch.stack(ts) for ts in zip(*per_layer)))
-                                    if per_layer else None)
+                                    if per_layer and self.config.rope is None else None)
         self.ops = LayerOps(compile_requested(self.device) if compile_layers is None else compile_layers)
 
     def _stack_projections(self, weights: dict[str, Tensor]) -> None:
