@@ -3,11 +3,13 @@
 at the 1.5B shape (random weights, bf16) on the GPU.
 
     python benchmarks/bench_engine_prefill.py [--cases 2048x4096,2048x65536,...] [--modes graphs,eager]
-        [--decoding N] [--together N] [--cprofile N] [--out DIR]
+        [--prefill-only N] [--decoding N] [--together N] [--cprofile N] [--out DIR]
 
 A case BUDGETxPROMPT runs a PROMPT-token request in an engine whose `max_num_batched_tokens` is
-BUDGET (the server's `--max-num-batched-tokens`, 2048 by default): the prompt is fed in chunks of
-BUDGET tokens, the last chunk at least the GOLD tail long. One request first warms the engine up
+BUDGET (the server's `--max-num-batched-tokens`, 2048 by default) and whose
+`prefill_only_batched_tokens` is `--prefill-only` (the server's default, 8192; 0: BUDGET): the
+prompt is fed in chunks of the larger while nothing decodes, of BUDGET tokens beside decoding
+requests, the last chunk at least the GOLD tail long. One request first warms the engine up
 (compiles the layer functions for the chunk sizes), a second is timed. Each case runs with the
 prefill chunks' Finch layers replayed from CUDA graphs (`graphs`, the default) and launched from
 Python (`eager`), in the same process. With `--decoding N`, N other requests (256-token prompts)
@@ -71,12 +73,12 @@ BACKGROUND_PROMPT, BACKGROUND_TOKENS = 256, 4096
 
 
 def bench_case(model, budget: int, prompt_len: int, graphs: bool, cprofile: int = 0, decoding: int = 0,
-               together: int = 1, seed: int = 0) -> dict:
+               together: int = 1, seed: int = 0, prefill_only: int = 0) -> dict:
     mc = model.config
     kv_bytes_per_token = 2 * mc.n_gold * mc.dim_att * model.emb.element_size()
     background_len = BACKGROUND_PROMPT + BACKGROUND_TOKENS
     engine = LLMEngine(model, None, EngineConfig(
-        max_num_seqs=decoding + together, max_num_batched_tokens=budget,
+        max_num_seqs=decoding + together, max_num_batched_tokens=budget, prefill_only_batched_tokens=prefill_only,
         max_model_len=max(prompt_len + 16, background_len),
         cache_tokens=2 * together * (prompt_len + 64) + decoding * background_len,
         kv_working_set_bytes=(together * (prompt_len + 256) + decoding * background_len) * kv_bytes_per_token,
@@ -92,7 +94,8 @@ def bench_case(model, budget: int, prompt_len: int, graphs: bool, cprofile: int 
         engine.step()
     time_to_first_token(engine, prompts[0])  # warm-up
     seconds, steps, others = time_to_first_token(engine, prompts[1], cprofile)
-    return {"budget": budget, "prompt": prompt_len, "mode": "graphs" if graphs else "eager", "decoding": decoding,
+    return {"budget": budget, "prefill_only": engine.scheduler.config.max_step_tokens, "prompt": prompt_len,
+            "mode": "graphs" if graphs else "eager", "decoding": decoding,
             "together": together, "ttft_s": seconds, "tok_per_s": together * prompt_len / seconds, "steps": steps,
             "decode_tok_per_s": others / seconds,
             "graph_buckets": list(prefill_graphs.buckets) if prefill_graphs else [],
@@ -102,11 +105,12 @@ def bench_case(model, budget: int, prompt_len: int, graphs: bool, cprofile: int 
 
 def render_markdown(result: dict) -> str:
     lines = [f"# bench_engine_prefill: {result['card']}, commit {result['commit']}, {result['date']}", "",
-             "| step token budget | prompt | prompts at once | prefill chunks | requests decoding | time to first token "
-             "| prompt tok/s | engine steps | their decode tok/s meanwhile |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| step token budget | while none decodes | prompt | prompts at once | prefill chunks | requests decoding "
+             "| time to first token | prompt tok/s | engine steps | their decode tok/s meanwhile |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
-        head = f"| {r['budget']} | {r['prompt']} | {r.get('together', 1)} | {r['mode']} | {r['decoding']} |"
+        head = (f"| {r['budget']} | {r.get('prefill_only', r['budget'])} | {r['prompt']} | {r.get('together', 1)} "
+                f"| {r['mode']} | {r['decoding']} |")
         if "ttft_s" not in r:
             lines.append(f"{head} {r['skipped']} | | | |")
             continue
@@ -116,20 +120,22 @@ def render_markdown(result: dict) -> str:
 
 
 def run(model, cases: list[tuple[int, int]], card: str, commit: str, modes: tuple[str, ...] = ("graphs", "eager"),
-        cprofile: int = 0, decoding: int = 0, together: int = 1) -> dict:
+        cprofile: int = 0, decoding: int = 0, together: int = 1, prefill_only: tuple[int, ...] = (0,)) -> dict:
     import datetime
 
     result = {"card": card, "commit": commit,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
     for budget, prompt_len in cases:
-        for mode in modes:
-            try:
-                row = bench_case(model, budget, prompt_len, mode == "graphs", cprofile, decoding, together)
-            except torch.OutOfMemoryError as exc:
-                row = {"budget": budget, "prompt": prompt_len, "mode": mode, "decoding": decoding, "together": together,
-                       "skipped": f"out of memory: {str(exc)[:60]}"}
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
+        for alone in prefill_only:
+            for mode in modes:
+                try:
+                    row = bench_case(model, budget, prompt_len, mode == "graphs", cprofile, decoding, together,
+                                     prefill_only=alone)
+                except torch.OutOfMemoryError as exc:
+                    row = {"budget": budget, "prefill_only": max(budget, alone), "prompt": prompt_len, "mode": mode,
+                           "decoding": decoding, "together": together, "skipped": f"out of memory: {str(exc)[:60]}"}
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
     return result
 
 
@@ -142,6 +148,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="2048x4096,2048x16384,2048x65536,4096x4096,8192x65536,65536x65536")
     ap.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (comma-separated)")
+    ap.add_argument("--prefill-only", default="8192",
+                    help="the engine's prefill_only_batched_tokens, comma-separated for several (8192: the "
+                         "server's default; 0: the case's budget)")
     ap.add_argument("--decoding", type=int, default=0, help="requests decoding while the prompt arrives")
     ap.add_argument("--together", type=int, default=1, help="prompts arriving at once")
     ap.add_argument("--cprofile", type=int, default=0, help="print the N functions of most host time per request")
@@ -153,7 +162,7 @@ def main() -> None:
     if not modes or set(modes) - {"graphs", "eager"}:
         raise SystemExit(f"--modes: graphs and/or eager, got {args.modes!r}")
     result = run(model, cases, torch.cuda.get_device_name(), commit_id(), modes, args.cprofile, args.decoding,
-                 args.together)
+                 args.together, tuple(int(v) for v in args.prefill_only.split(",") if v))
     write_result(args.out, "bench_engine_prefill", result, render_markdown(result))
 
 

@@ -16,6 +16,9 @@ GiB = 1 << 30
 class EngineConfig:
     max_num_seqs: int = 64  # running sequences (state slots) at once
     max_num_batched_tokens: int = 2048  # tokens per model step (decodes + prefill chunks)
+    # tokens per step while no sequence decodes (0: max_num_batched_tokens; the server's default is
+    # 8192): a prompt alone then runs in fewer, longer chunks (scheduler.SchedulerConfig)
+    prefill_only_batched_tokens: int = 0
     max_model_len: int = 4096  # prompt + output tokens per sequence
     block_size: int = 16  # tokens per block of the compressed-key pool
     cache_tokens: int | None = None  # pool capacity in tokens; None: from cache_bytes / free memory
@@ -33,7 +36,7 @@ class EngineConfig:
     # CUDA graphs on a GPU (captured at start for batch sizes up to max_num_seqs)
     decode_fast_path: bool = True
     cuda_graphs: bool = True
-    # a step of one sequence's prompt chunk (up to max_num_batched_tokens, at most 8K tokens) replays
+    # a step of one sequence's prompt chunk (up to the larger budget, at most 8K tokens) replays
     # its Finch layers from a CUDA graph per chunk-length bucket (engine.prefill_graphs), on a GPU
     prefill_graphs: bool = True
     # launch a decode step before reading the previous one's tokens back when nothing else could be
@@ -54,7 +57,8 @@ class EngineConfig:
         is under twice that (a prompt's last chunk could wait too long for a step to fit it)."""
         min_final = gold_tail_len if self.max_num_batched_tokens >= 2 * gold_tail_len else 0
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_model_len=self.max_model_len, min_final_chunk=min_final)
+                               max_model_len=self.max_model_len, min_final_chunk=min_final,
+                               prefill_only_batched_tokens=self.prefill_only_batched_tokens)
 
 
 def cache_config_for(config: EngineConfig, model) -> CacheConfig:

@@ -49,7 +49,7 @@ class LLMEngine(SessionFiles):
                                   page_size=self.config.kv_working_set_page_size,
                                   skip_gold_on_chunks=self.scheduler.config.min_final_chunk > 0,
                                   prefill_graphs=self.config.prefill_graphs,
-                                  max_chunk_tokens=self.config.max_num_batched_tokens)
+                                  max_chunk_tokens=self.scheduler.config.max_step_tokens)
         self.runner.capture_graphs()
         self.sampler = Sampler(compile_noise=model.ops.compiled)  # fused noise hash on CUDA
         self.requests: dict[str, Request] = {}

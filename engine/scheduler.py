@@ -25,13 +25,25 @@ class SchedulerConfig:
     # a prompt split into chunks ends with a chunk of at least this many tokens: the model's GOLD
     # layers then need nothing of the earlier chunks and skip them (engine.model); 0: no rule
     min_final_chunk: int = 0
+    # tokens per step while no running sequence is decoding (0: max_num_batched_tokens). The small
+    # budget bounds how long a step delays the decoding sequences' next tokens; with none decoding
+    # it protects no one (waiting prompts queue behind the running one either way), and fewer,
+    # longer prompt chunks run faster
+    prefill_only_batched_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.prefill_only_batched_tokens < 0:
+            raise ValueError(f"prefill_only_batched_tokens: must be >= 0, got {self.prefill_only_batched_tokens}")
         if not 0 <= self.min_final_chunk <= self.max_num_batched_tokens:
             raise ValueError(f"min_final_chunk: must be in [0, max_num_batched_tokens], got {self.min_final_chunk}")
+
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens any step schedules (the longest prompt chunk)."""
+        return max(self.max_num_batched_tokens, self.prefill_only_batched_tokens)
 
 
 @dataclass(frozen=True)
@@ -92,10 +104,16 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_running(out, self.step_budget())
         if not out.preempted:  # admitting while preempting would only thrash
             self._schedule_waiting(out, budget)
         return out
+
+    def step_budget(self) -> int:
+        """The step's token budget: the larger prefill-only one unless a running sequence decodes."""
+        if any(not seq.is_prefilling for seq in self.running):
+            return self.config.max_num_batched_tokens
+        return self.config.max_step_tokens
 
     def num_new_tokens(self, seq: Sequence, budget: int) -> int:
         """Tokens `seq` catches up this step under `budget`: as many as fit, but never leaving a

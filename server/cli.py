@@ -32,6 +32,8 @@ OPTIONS = [
     ("max_model_len", int, 4096, "prompt + output tokens per request"),
     ("max_num_seqs", int, 64, "sequences decoded together (RNN state slots)"),
     ("max_num_batched_tokens", int, 2048, "tokens per engine step (decodes + prefill chunks)"),
+    ("prefill_only_batched_tokens", int, 8192, "tokens per engine step while no sequence is decoding: longer "
+     "prompt chunks, faster (0: --max-num-batched-tokens)"),
     ("cache_tokens", int, None, "compressed-key pool capacity in tokens (default: from free memory)"),
     ("gpu_memory_fraction", float, 0.5, "share of free GPU memory for the key pool when --cache-tokens is not set"),
     ("block_size", int, 16, "tokens per pool block"),

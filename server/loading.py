@@ -75,6 +75,7 @@ def build_engine(state: ServerState, args: argparse.Namespace, model_path: Path 
         raise ValueError(f"tokenizer: vocabulary {tokenizer.vocab_size} larger than the model's "
                          f"{model.config.vocab_size}")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          prefill_only_batched_tokens=args.prefill_only_batched_tokens,
                           max_model_len=args.max_model_len, block_size=args.block_size,
                           cache_tokens=args.cache_tokens, gpu_memory_fraction=args.gpu_memory_fraction,
                           session_host_bytes=args.session_host_bytes,

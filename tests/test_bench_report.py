@@ -38,7 +38,10 @@ def test_engine_prefill_benchmark_runs_a_request_through_the_engine():
     (row,) = result["rows"]
     assert row["steps"] == 4 and row["tok_per_s"] > 0 and row["ttft_s"] > 0
     assert row["mode"] == "eager" and row["graph_replays"] == 0  # prefill graphs: GPU only
-    assert "| 32 | 100 | 1 | eager | 0 |" in render_markdown(result)
+    assert "| 32 | 32 | 100 | 1 | eager | 0 |" in render_markdown(result)
+    # nothing decodes: with a prefill-only budget of 64 the prompt is 64 + 36 tokens, 2 steps
+    (row,) = run(model, [(32, 100)], "cpu", "test", modes=("eager",), prefill_only=(64,))["rows"]
+    assert row["steps"] == 2 and row["prefill_only"] == 64
     # with two requests decoding meanwhile: each step feeds a chunk beside their decodes
     (row,) = run(model, [(32, 100)], "cpu", "test", modes=("eager",), decoding=2)["rows"]
     assert row["decoding"] == 2 and row["decode_tok_per_s"] > 0 and row["steps"] >= 4
