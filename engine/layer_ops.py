@@ -32,6 +32,7 @@ FUNCTIONS = ("finch_tmix_projections", "finch_tmix_output", "channel_mix", "gold
              "gold_keys_values_rows_all_layers", "finch_tmix_in_stacked", "channel_mix_residual_stacked",
              "finch_tmix_projections_shifted", "channel_mix_residual_shifted")
 MODULES = (L, D)  # where the FUNCTIONS live (decode_ops: the decode step's stacked-weight versions)
+SHAPES_ENV_VAR = "GOLDFINCH_COMPILE_SHAPES"  # dynamic | auto (see `LayerOps`)
 
 
 def compile_requested(device: torch.device) -> bool:
@@ -56,9 +57,13 @@ class LayerOps:
         that the arithmetic is unchanged)."""
         self.compiled = compiled
         self.shift_inside = compiled if shift_inside is None else shift_inside
+        shapes = os.environ.get(SHAPES_ENV_VAR, "dynamic")
+        if shapes not in ("dynamic", "auto"):
+            raise ValueError(f"{SHAPES_ENV_VAR} must be dynamic or auto, got {shapes!r}")
+        dynamic = True if shapes == "dynamic" else None
         for name in FUNCTIONS:
             fn = next(getattr(module, name) for module in MODULES if hasattr(module, name))
-            setattr(self, name, torch.compile(fn, dynamic=True) if compiled else fn)
+            setattr(self, name, torch.compile(fn, dynamic=dynamic) if compiled else fn)
         self.eager = self if not compiled else LayerOps(False)
         self.min_compiled_tokens = _min_compiled_tokens()
 
