@@ -84,6 +84,17 @@ def test_compile_threshold_knob(monkeypatch):
         LayerOps(True)
 
 
+def test_compile_shapes_knob(monkeypatch):
+    from engine.layer_ops import SHAPES_ENV_VAR
+
+    for mode in ("auto", "dynamic"):
+        monkeypatch.setenv(SHAPES_ENV_VAR, mode)
+        assert LayerOps(True).compiled
+    monkeypatch.setenv(SHAPES_ENV_VAR, "static")
+    with pytest.raises(ValueError, match=SHAPES_ENV_VAR):
+        LayerOps(True)
+
+
 def test_prompt_steps_derive_every_gold_layer_in_one_call(monkeypatch):
     """With working sets, a prompt's keys and values of all GOLD layers come from one stacked
     derivation call (`gold_keys.STACKED_DERIVE_ROWS`); logits, pools and states equal one call per
