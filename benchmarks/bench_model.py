@@ -4,7 +4,8 @@ roofline and a same-size Llama (HF transformers, SDPA) measured in the same run.
     python benchmarks/bench_model.py [--budget-s 420] [--out DIR] [--no-llama]
 
 Writes bench_model.json and bench_model.md (to --out, default $OUT or .) with card, commit, date.
-Every section has a time budget; a section that would not fit is reported as skipped."""
+Every section has a time budget; a section that would not fit is reported as skipped. Each decode
+case runs in a process of its own (`bench_decode_isolated`; `--one-process` to share this one)."""
 from __future__ import annotations
 
 import argparse
@@ -176,6 +177,47 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int, str]], deadl
     return out
 
 
+def _decode_case_child(case: tuple[int, int, str], deadline: float, steps: int, roofline: dict | None,
+                       profile: bool, conn) -> None:
+    """One decode case in a process of its own (`bench_decode_isolated`): a fresh model, its row sent back."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
+    conn.send(bench_decode(model, [case], deadline, steps, roofline, profile)[0])
+    conn.close()
+
+
+def bench_decode_isolated(cases: list[tuple[int, int, str]], deadline: float, steps: int = 16,
+                          roofline: dict | None = None, profile: bool = False, child=_decode_case_child) -> list[dict]:
+    """`bench_decode` with every case in a fresh process. An engine's GPU memory is not all
+    returned when it is deleted (session 10, H100: after the 256 x 4K case, whose working sets took
+    51 GiB, every later engine of the same process found no room for working sets and decoded 1 x
+    128K at 18.5 tok/s instead of 205), so one case could starve the next; a process of its own
+    returns everything when it exits. `child(case, deadline, steps, roofline, profile, conn)` sends
+    the case's row through `conn`."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a forked child would share the parent's CUDA context
+    out = []
+    for batch, context, mode in cases:
+        if time.monotonic() > deadline:
+            out.append({"batch": batch, "context": context, "mode": mode, "skipped": "time budget"})
+            continue
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=child, args=((batch, context, mode), deadline, steps, roofline, profile, send))
+        proc.start()
+        send.close()  # the child holds the only sending end: recv() then ends when it exits
+        try:
+            row = receive.recv()
+        except EOFError:  # the child died before sending (a crash, killed for memory)
+            row = {"batch": batch, "context": context, "mode": mode, "skipped": "the case's process died"}
+        proc.join()
+        if proc.exitcode not in (0, None) and "skipped" not in row:
+            row["exit_code"] = proc.exitcode
+        out.append(row)
+        print(json.dumps({"decode": row}), flush=True)
+    return out
+
+
 def capacity(model: GoldFinchModel, session_tokens: int = 32768) -> dict:
     state = model.new_state(1)
     model.forward(torch.zeros(1, 8, dtype=torch.long, device="cuda"), state)
@@ -282,6 +324,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--profile", action="store_true", help="cProfile the timed decode steps")
+    ap.add_argument("--one-process", action="store_true",
+                    help="run the decode cases in this process (a case may then find the memory of the one before "
+                         "still taken); by default each runs in a process of its own")
     ap.add_argument("--prefill", default="4096,16384,65536,131072,1048576")
     ap.add_argument("--decode", default="1x4096,8x4096,64x4096,256x4096,1x131072,16x131072",
                     help="BATCHxCONTEXT cases, with K/V working sets and CUDA graphs")
@@ -300,10 +345,15 @@ def main() -> None:
     result["prefill"] = bench_prefill(model, lengths, start + args.budget_s * 0.45)
     cases = [(*(int(v) for v in c.split("x")), "sets") for c in args.decode.split(",") if c]
     cases += [(*(int(v) for v in c.split("x")), "derive") for c in args.derive.split(",") if c]
-    result["decode"] = bench_decode(model, cases, start + args.budget_s * 0.75, roofline=result["roofline"],
-                                    profile=args.profile)
+    decode_deadline = start + args.budget_s * 0.75
+    if args.one_process:
+        result["decode"] = bench_decode(model, cases, decode_deadline, roofline=result["roofline"], profile=args.profile)
     del model
-    torch.cuda.empty_cache()
+    gc.collect()
+    torch.cuda.empty_cache()  # before the cases' own processes take the card
+    if not args.one_process:
+        result["decode"] = bench_decode_isolated(cases, decode_deadline, roofline=result["roofline"],
+                                                 profile=args.profile)
     if not args.no_llama:
         result["llama"] = bench_llama([4096, 16384, 65536, 131072], deadline)
     write_result(args.out, "bench_model", result, render_markdown(result))

@@ -48,3 +48,32 @@ def test_engine_prefill_benchmark_runs_a_request_through_the_engine():
     # three prompts at once: 300 tokens at 32 a step
     (row,) = run(model, [(32, 100)], "cpu", "test", modes=("eager",), together=3)["rows"]
     assert row["together"] == 3 and row["steps"] >= 10 and row["tok_per_s"] * row["ttft_s"] == pytest.approx(300)
+
+
+def _fake_decode_child(case, deadline, steps, roofline, profile, conn):
+    """A decode case's process, for `bench_decode_isolated`: batch 0 dies before sending."""
+    import os
+
+    batch, context, mode = case
+    if batch == 0:
+        os._exit(3)
+    conn.send({"batch": batch, "context": context, "mode": mode, "pid": os.getpid(), "steps": steps})
+
+
+def test_decode_cases_run_in_processes_of_their_own():
+    """`bench_model.bench_decode_isolated`: each case in a fresh process (an engine's GPU memory is
+    not all returned when it is deleted), its row returned in order; a case whose process dies is
+    reported, not lost, and the cases after it still run."""
+    import os
+    import time
+
+    from bench_model import bench_decode_isolated
+
+    cases = [(1, 4096, "sets"), (0, 4096, "sets"), (8, 131072, "derive")]
+    rows = bench_decode_isolated(cases, time.monotonic() + 120, steps=3, child=_fake_decode_child)
+    assert [(r["batch"], r["context"], r["mode"]) for r in rows] == cases
+    assert rows[1]["skipped"] == "the case's process died"
+    assert rows[0]["pid"] != rows[2]["pid"] and os.getpid() not in (rows[0]["pid"], rows[2]["pid"])
+    assert rows[0]["steps"] == rows[2]["steps"] == 3
+    late = bench_decode_isolated(cases[:1], time.monotonic() - 1, child=_fake_decode_child)
+    assert late == [{"batch": 1, "context": 4096, "mode": "sets", "skipped": "time budget"}]
