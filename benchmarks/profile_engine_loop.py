@@ -38,7 +38,7 @@ def instrument(engine: LLMEngine) -> list:
     marks: list = []
     graphs = engine.runner.graphs
     graphs._graphs = {b: (TimedGraph(g, marks), out) for b, (g, out) in graphs._graphs.items()}
-    launch = engine._launch_sampling
+    launch = engine.sampling.launch
 
     def timed_sampling(*args, **kwargs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -48,7 +48,7 @@ def instrument(engine: LLMEngine) -> list:
         marks.append(("sampler", start, end))
         return out
 
-    engine._launch_sampling = timed_sampling
+    engine.sampling.launch = timed_sampling
     return marks
 
 

@@ -10,19 +10,16 @@ import time
 import uuid
 from typing import Iterable
 
-import torch
-
 from .cache_manager import CacheManager
 from .config_engine import EngineConfig, cache_config_for, working_set_budget
-from .host_copy import to_device
 from .model import GoldFinchModel
 from .model_runner import ModelRunner
-from .outputs import CompletionDelta, RequestOutput, RequestUpdate, TokenLogprob
+from .outputs import CompletionDelta, RequestOutput, RequestUpdate
 from .overlap import LaunchedStep, can_launch_ahead, next_decode_step
 from .request import Request
-from .sampler import Sampler, make_sampling_batch
 from .sampling_params import SamplingParams, resolve_seed
 from .scheduler import Scheduler, SchedulerOutput
+from .step_sampling import StepSampling
 from .sequence import FinishReason, Sequence, SequenceStatus
 from .engine_sessions import SessionFiles, fingerprint
 from .prompt_ids import prompt_token_ids
@@ -51,13 +48,14 @@ class LLMEngine(SessionFiles):
                                   prefill_graphs=self.config.prefill_graphs,
                                   max_chunk_tokens=self.scheduler.config.max_step_tokens)
         self.runner.capture_graphs()
-        self.sampler = Sampler(compile_noise=model.ops.compiled)  # fused noise hash on CUDA
         self.requests: dict[str, Request] = {}
         self.absorbing: dict[Sequence, object] = {}  # finished session sequences -> their Session
         self.stats = EngineStats()
         self.eos_token_id = tokenizer.eos_token_id if tokenizer else None
         # a model's embedding is often padded past its tokenizer: never sample an id without text
-        self.sampleable_vocab = min(model.config.vocab_size, tokenizer.vocab_size) if tokenizer else None
+        self.sampling = StepSampling(model.config.vocab_size,
+                                     min(model.config.vocab_size, tokenizer.vocab_size) if tokenizer else None,
+                                     self.eos_token_id, compile_noise=model.ops.compiled)
         self.model_fingerprint = fingerprint(model)
         self._in_flight: LaunchedStep | None = None  # a decode step launched before its inputs' tokens were read
 
@@ -146,7 +144,7 @@ class LLMEngine(SessionFiles):
         ready = [(row, s.seq) for row, s in enumerate(sched.scheduled)
                  if s.seq.num_computed_tokens == s.seq.num_tokens and not self._absorbed(s.seq)]
         ready = self._fork_samples(ready)
-        return LaunchedStep(sched, ready, self._launch_sampling(logits, ready) if ready else None)
+        return LaunchedStep(sched, ready, self.sampling.launch(logits, ready) if ready else None)
 
     def _launch_ahead(self, current: LaunchedStep):
         """The next decode step of `current`'s sequences, fed the tokens `current` samples (still on
@@ -165,14 +163,14 @@ class LLMEngine(SessionFiles):
         self.stats.record_step(nxt, time.perf_counter() - started)
         self.stats.overlapped_steps += 1
         ready = [(row, s.seq) for row, s in enumerate(nxt.scheduled)]
-        return LaunchedStep(nxt, ready, self._launch_sampling(logits, ready, pending=1)), None
+        return LaunchedStep(nxt, ready, self.sampling.launch(logits, ready, pending=1)), None
 
     def _resolve(self, launched: LaunchedStep) -> list[RequestUpdate]:
         """Reads a launched step's tokens back and processes them: detokenizing, stop checks,
         finishing and releasing. Rows of sequences that finished meanwhile (a step launched ahead of
         its predecessor's end-of-sequence, or aborted) are dropped."""
         deltas: dict[str, list[CompletionDelta]] = {}
-        for seq, token, logprob in self._read_samples(launched):
+        for seq, token, logprob in self.sampling.read(launched):
             request = self.requests.get(seq.request_id)
             if seq.is_finished or request is None:
                 continue
@@ -231,32 +229,6 @@ class LLMEngine(SessionFiles):
                 request.seqs.append(child)
                 out.append((row, child))
         return out
-
-    def _launch_sampling(self, logits: torch.Tensor, ready: list[tuple[int, Sequence]], pending: int = 0):
-        """Queues the sampler on the device for the ready rows; nothing is read back here.
-        `pending`: tokens each row has sampled that are not yet in its output (a step launched ahead)."""
-        rows = to_device([row for row, _ in ready], torch.long, logits.device)
-        seqs = [seq for _, seq in ready]
-        batch = make_sampling_batch(
-            [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs],
-            [len(s.output_token_ids) + pending for s in seqs], self.model.config.vocab_size, logits.device,
-            seeds=[s.seed for s in seqs], eos_token_id=self.eos_token_id)
-        logits = logits.index_select(0, rows)
-        if self.sampleable_vocab is not None and self.sampleable_vocab < logits.shape[1]:
-            logits[:, self.sampleable_vocab:] = float("-inf")
-        return self.sampler(logits, batch)
-
-    def _read_samples(self, launched: LaunchedStep):
-        if launched.sample is None:
-            return
-        tokens, chosen, top_ids, top_lps = launched.host.lists()  # waits for this step, not the next
-        for i, (_, seq) in enumerate(launched.ready):
-            logprob = None
-            if seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if top_ids is not None and k else ()
-                logprob = TokenLogprob(tokens[i], chosen[i], top)
-            yield seq, tokens[i], logprob
 
     def _fail_step(self, sched: SchedulerOutput, message: str) -> list[RequestUpdate]:
         updates = []

@@ -1,0 +1,53 @@
+"""A step's sampling: queued on the device right behind the step's logits, read back when the engine
+processes the step's tokens (`engine.overlap` may launch the next step in between)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .host_copy import to_device
+from .outputs import TokenLogprob
+from .overlap import LaunchedStep
+from .sampler import Sampler, SamplerOutput, make_sampling_batch
+from .sequence import Sequence
+
+
+class StepSampling:
+    def __init__(self, vocab_size: int, sampleable_vocab: int | None, eos_token_id: int | None,
+                 compile_noise: bool) -> None:
+        """`sampleable_vocab`: ids at or above it (a model's embedding padded past its tokenizer's
+        vocabulary) are never sampled: they have no text. None: every id of the model."""
+        self.vocab_size = vocab_size
+        self.sampleable_vocab = sampleable_vocab
+        self.eos_token_id = eos_token_id
+        self.sampler = Sampler(compile_noise=compile_noise)  # fused noise hash on CUDA
+
+    def launch(self, logits: torch.Tensor, ready: list[tuple[int, Sequence]], pending: int = 0) -> SamplerOutput:
+        """Queues the sampler on the device for the ready rows of `logits`; nothing is read back.
+        `pending`: tokens each row has sampled that are not yet in its output (a step launched ahead)."""
+        rows = to_device([row for row, _ in ready], torch.long, logits.device)
+        seqs = [seq for _, seq in ready]
+        batch = make_sampling_batch(
+            [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs],
+            [len(s.output_token_ids) + pending for s in seqs], self.vocab_size, logits.device,
+            seeds=[s.seed for s in seqs], eos_token_id=self.eos_token_id)
+        logits = logits.index_select(0, rows)
+        if self.sampleable_vocab is not None and self.sampleable_vocab < logits.shape[1]:
+            logits[:, self.sampleable_vocab:] = float("-inf")
+        return self.sampler(logits, batch)
+
+    @staticmethod
+    def read(launched: LaunchedStep) -> Iterator[tuple[Sequence, int, TokenLogprob | None]]:
+        """(sequence, token, logprob) of each ready row of a launched step; waits for that step's
+        copies only, not for a step launched after it."""
+        if launched.sample is None:
+            return
+        tokens, chosen, top_ids, top_lps = launched.host.lists()
+        for i, (_, seq) in enumerate(launched.ready):
+            logprob = None
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if top_ids is not None and k else ()
+                logprob = TokenLogprob(tokens[i], chosen[i], top)
+            yield seq, tokens[i], logprob
