@@ -188,7 +188,9 @@ def bench_prefill(lengths, bw, quick, packed=None):
 # it was picked from
 _CUBE = dict(diag_walk=False)
 VARIANTS = [dict(), dict(precision="tf32x3"), dict(num_warps=2), dict(num_warps=4, chunk_warps=8), dict(chunk_warps=2),
-            _CUBE, dict(_CUBE, num_warps=2), dict(_CUBE, diag_channels=8), dict(_CUBE, diag_products=False)]
+            _CUBE, dict(_CUBE, num_warps=2), dict(_CUBE, diag_channels=8), dict(_CUBE, diag_products=False),
+            dict(diag_unroll=False), dict(max_registers=168), dict(max_registers=128),
+            dict(diag_unroll=False, max_registers=168), dict(diag_unroll=False, num_warps=2)]
 
 
 def bench_variants(T, quick):

@@ -130,7 +130,7 @@ def wkv6_prefill_fwd_kernel(
     stride_yt, stride_yh,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
-    PRECISION: tl.constexpr, DIAG_PRODUCTS: tl.constexpr, DIAG_WALK: tl.constexpr,
+    PRECISION: tl.constexpr, DIAG_PRODUCTS: tl.constexpr, DIAG_WALK: tl.constexpr, DIAG_UNROLL: tl.constexpr,
 ):
     i_c, i_h, i_i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = tl.load(chunk_indices_ptr + 2 * i_c)
@@ -181,7 +181,7 @@ def wkv6_prefill_fwd_kernel(
     b_v = tl.load(v_ptr + rows[:, None] * stride_vt + i_h * stride_vh + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
     if DIAG_WALK:
         b_att_d = diagonal_block_walk(r_ptr, k_ptr, w_ptr, start, eos, i_h, stride_rt, stride_rh, stride_kt,
-                                      stride_kh, stride_wt, stride_wh, K, BC, BK)
+                                      stride_kh, stride_wt, stride_wh, K, BC, BK, DIAG_UNROLL)
     else:
         b_att_d = diagonal_block_cube(r_ptr, k_ptr, w_ptr, rows, m_t, i_h, stride_rt, stride_rh, stride_kt,
                                       stride_kh, stride_wt, stride_wh, K, BC, BD, DIAG_PRODUCTS)
@@ -206,6 +206,10 @@ class PrefillTuning:
     # four at 2,048 tokens) and of the chunk-state kernel
     num_warps: int = 1
     chunk_warps: int = 4
+    # for the next sweep (not yet timed): the row walk as a loop instead of unrolled, and a cap on
+    # the output kernel's registers a thread (None: the compiler's choice; at one warp it takes 255)
+    diag_unroll: bool = True
+    max_registers: int | None = None
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -253,7 +257,8 @@ def wkv6_prefill_fwd(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, lens
             r.stride(0), r.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
             v.stride(0), v.stride(1), y.stride(0), y.stride(1),
             H=H, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BVf, BD=min(BK, tuning.diag_channels), PRECISION=precision,
-            DIAG_PRODUCTS=tuning.diag_products, DIAG_WALK=tuning.diag_walk, num_warps=tuning.num_warps)
+            DIAG_PRODUCTS=tuning.diag_products, DIAG_WALK=tuning.diag_walk, DIAG_UNROLL=tuning.diag_unroll,
+            num_warps=tuning.num_warps, **({"maxnreg": tuning.max_registers} if tuning.max_registers else {}))
     return y
 
 

@@ -15,24 +15,41 @@ import triton.language as tl
 
 
 @triton.jit
+def _walk_row(b_att, b_p, r_ptr, k_ptr, w_ptr, t, start, eos, i_h, stride_rt, stride_rh, stride_kt, stride_kh,
+              stride_wt, stride_wh, o_c, o_k, m_k):
+    """Row t of a diagonal block: its attention to the rows before, then the decayed keys moved on."""
+    row = start + t
+    m_row = m_k & (row < eos)
+    b_rt = tl.load(r_ptr + row * stride_rt + i_h * stride_rh + o_k, mask=m_row, other=0.).to(tl.float32)
+    b_att = tl.where(o_c[:, None] == t, tl.sum(b_p * b_rt[None, :], axis=1)[None, :], b_att)
+    b_wt = tl.load(w_ptr + row * stride_wt + i_h * stride_wh + o_k, mask=m_row, other=0.).to(tl.float32)
+    b_kt = tl.load(k_ptr + row * stride_kt + i_h * stride_kh + o_k, mask=m_row, other=0.).to(tl.float32)
+    b_p = tl.where((o_c == t)[:, None], b_kt[None, :], b_p * tl.exp(b_wt)[None, :])
+    return b_att, b_p
+
+
+@triton.jit
 def diagonal_block_walk(r_ptr, k_ptr, w_ptr, start, eos, i_h, stride_rt, stride_rh, stride_kt, stride_kh,
-                         stride_wt, stride_wh, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+                         stride_wt, stride_wh, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                         UNROLL: tl.constexpr):
     """att[t, s] of one sub-chunk's own tokens (s < t), row by row: the decayed keys
     P[s] = k_s exp(sum_{s<j<t} w_j) are one tile, multiplied by exp(w_t) as t moves on (no scans,
-    BK exponentials a row)."""
+    BK exponentials a row). `UNROLL`: the row loop unrolled (the compiler may then hoist every row's
+    loads, which costs registers: at one warp the output kernel spills 304 bytes unrolled, 52 not;
+    ptxas for sm_90a, session 10) or a loop."""
     o_c = tl.arange(0, BC)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     b_p = tl.zeros([BC, BK], dtype=tl.float32)
     b_att = tl.zeros([BC, BC], dtype=tl.float32)
-    for t in tl.static_range(BC):
-        row = start + t
-        m_row = m_k & (row < eos)
-        b_rt = tl.load(r_ptr + row * stride_rt + i_h * stride_rh + o_k, mask=m_row, other=0.).to(tl.float32)
-        b_att = tl.where(o_c[:, None] == t, tl.sum(b_p * b_rt[None, :], axis=1)[None, :], b_att)
-        b_wt = tl.load(w_ptr + row * stride_wt + i_h * stride_wh + o_k, mask=m_row, other=0.).to(tl.float32)
-        b_kt = tl.load(k_ptr + row * stride_kt + i_h * stride_kh + o_k, mask=m_row, other=0.).to(tl.float32)
-        b_p = tl.where((o_c == t)[:, None], b_kt[None, :], b_p * tl.exp(b_wt)[None, :])
+    if UNROLL:
+        for t in tl.static_range(BC):
+            b_att, b_p = _walk_row(b_att, b_p, r_ptr, k_ptr, w_ptr, t, start, eos, i_h, stride_rt, stride_rh,
+                                   stride_kt, stride_kh, stride_wt, stride_wh, o_c, o_k, m_k)
+    else:
+        for t in range(BC):
+            b_att, b_p = _walk_row(b_att, b_p, r_ptr, k_ptr, w_ptr, t, start, eos, i_h, stride_rt, stride_rh,
+                                   stride_kt, stride_kh, stride_wt, stride_wh, o_c, o_k, m_k)
     return b_att
 
 

@@ -103,10 +103,11 @@ def test_prefill_matches_recurrence(lens, slots, dtype, decay, u_zero):
 
 # every launch choice computes the same thing (up to rounding): diagonal blocks row by row (the
 # default) or as [t, s, channels] tiles (running products of exp(w) or exponentials of sums, several
-# channel widths), and other warp counts
+# channel widths), other warp counts, the row walk as a loop, a cap on the output kernel's registers
 CUBE = dict(diag_walk=False)
 TUNINGS = [CUBE, dict(CUBE, diag_products=False), dict(CUBE, diag_channels=4),
-           dict(CUBE, diag_channels=8, diag_products=False), dict(num_warps=4, chunk_warps=8)]
+           dict(CUBE, diag_channels=8, diag_products=False), dict(num_warps=4, chunk_warps=8),
+           dict(diag_unroll=False), dict(diag_unroll=False, max_registers=168)]
 
 
 @pytest.mark.parametrize("tuning", TUNINGS, ids=str)
@@ -298,7 +299,9 @@ def test_gpu_prefill_real_shape(dtype, decay):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tuning", [CUBE, dict(CUBE, diag_products=False), dict(CUBE, diag_channels=8, diag_products=False),
-                                    dict(precision="tf32x3"), dict(num_warps=4, chunk_warps=8)], ids=str)
+                                    dict(precision="tf32x3"), dict(num_warps=4, chunk_warps=8),
+                                    dict(diag_unroll=False), dict(max_registers=168),
+                                    dict(diag_unroll=False, max_registers=168)], ids=str)
 def test_gpu_prefill_tunings_real_shape(dtype, tuning):
     """The other launch choices (the default walks the diagonal blocks row by row with one warp a
     program, one tf32 pass for 16-bit inputs and three for float32)."""
