@@ -8,10 +8,10 @@ Shapes: automatic dynamic (`torch.compile(dynamic=None)`): a function's first ca
 shapes, and a call with other row counts recompiles once with the row dimension symbolic, so one
 compile serves every batch and prompt length while the channel dimensions stay static, and Inductor
 sizes its kernels for them (with every dimension symbolic, `dynamic=True`, the norms over channels
-took twice as long). H100, 1.5B shape, one process per mode on
-one machine (session 10): a 4K prompt in one step 26.9 -> 25.1 ms, 16K (8K-token steps) 96.7 ->
-91.8 ms; a Finch layer's two layer norms at 4,096 rows 45.5 -> 22.8 and 37.5 -> 20.0 us; decode at
-batch 64 graph replay 9.74 -> 9.51 ms. `GOLDFINCH_COMPILE_SHAPES=dynamic` restores the old mode.
+took twice as long). H100, 1.5B shape, one process per mode on one machine (session 10): a 4K
+prompt in one step 26.9 -> 25.1 ms, 16K (8K-token steps) 96.7 -> 91.8 ms; a Finch layer's two
+layer norms at 4,096 rows 45.5 -> 22.8 and 37.5 -> 20.0 us; decode at batch 64 graph replay 9.74 ->
+9.51 ms. `GOLDFINCH_COMPILE_SHAPES=dynamic` restores the old mode.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Each step, under a token budget, every running sequence catches up `min(uncomputed, budget)` tokens
 (one for a decode, a chunk for a prompt), then waiting sequences are admitted first-come first-served
-while slots, blocks and budget last. When the pool runs out, device-resident sessions are moved to
+while slots, blocks and budget last. The budget is `max_num_batched_tokens` while a running sequence
+decodes, the larger `prefill_only_batched_tokens` while none does. When the pool runs out, device-resident sessions are moved to
 host memory first, then the most recently arrived running sequences are preempted: their compressed
 keys and RNN state go to host memory (small for GoldFinch) and come back later exactly as they were.
 """
