@@ -69,11 +69,11 @@ def main() -> None:
         tl.wrap(engine.runner.prefill_graphs, "run", "chunk replay launched", "chunk replay queued")
     tl.wrap(model, "step", "model.step (key write, GOLD layers)", "model.step queued")
     for i in range(args.requests):
+        prompt = torch.randint(0, model.config.vocab_size, (args.prompt,)).tolist()  # before the first mark
         tl.marks.clear()
         torch.cuda.synchronize()
         tl.mark("add_request")
-        rid = engine.add_request(torch.randint(0, model.config.vocab_size, (args.prompt,)).tolist(),
-                                 SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
         while rid in engine.requests:
             engine.step()
             tl.mark("engine.step returned")
