@@ -180,7 +180,6 @@ def bench_decode(model: GoldFinchModel, cases: list[tuple[int, int, str]], deadl
 def _decode_case_child(case: tuple[int, int, str], deadline: float, steps: int, roofline: dict | None,
                        profile: bool, conn) -> None:
     """One decode case in a process of its own (`bench_decode_isolated`): a fresh model, its row sent back."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
     conn.send(bench_decode(model, [case], deadline, steps, roofline, profile)[0])
     conn.close()

@@ -86,7 +86,7 @@ def test_without_it_every_step_has_the_small_budget():
     assert seen == [[16], [16], [8]]
 
 
-def test_the_longest_chunk_sets_the_prefill_graph_buckets():
+def test_the_longest_step_is_the_larger_budget():
     assert SchedulerConfig(max_num_batched_tokens=2048, prefill_only_batched_tokens=8192).max_step_tokens == 8192
     assert SchedulerConfig(max_num_batched_tokens=4096, prefill_only_batched_tokens=1024).max_step_tokens == 4096
     assert SchedulerConfig(max_num_batched_tokens=2048).max_step_tokens == 2048
