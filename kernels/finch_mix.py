@@ -27,15 +27,24 @@ def finch_mix_fwd_kernel(
     x_ptr, prev_ptr, h_ptr, w2_ptr, maa_ptr, out_ptr,
     N, C, stride_x, stride_prev, stride_h,
     N_MIX: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-    SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr,
+    BNR: tl.constexpr, BNM: tl.constexpr,
 ):
-    if PDL:  # (`kernels.pdl`)
-        gdc_wait()
-        gdc_launch_dependents()
     i_m, i_c = tl.program_id(0), tl.program_id(1)
     rows = i_m * BM + tl.arange(0, BM)
     cols = i_c * BC + tl.arange(0, BC)
     m_r, m_c = rows < N, cols < C
+    if PRELOAD:
+        # every mix's LoRA rows and mix vector at once, before the wait (they depend on no earlier
+        # kernel): otherwise each mix's loads wait for the previous mix's store, n_mix latencies
+        o_nr, o_n = tl.arange(0, BNR), tl.arange(0, BNM)
+        b_w2_all = tl.load(w2_ptr + o_nr[:, None] * C + cols[None, :], mask=(o_nr < N_MIX * R)[:, None] & m_c[None, :],
+                           other=0.)
+        b_maa_all = tl.load(maa_ptr + o_n[:, None] * C + cols[None, :], mask=(o_n < N_MIX)[:, None] & m_c[None, :],
+                            other=0.).to(tl.float32)
+    if PDL:  # (`kernels.pdl`)
+        gdc_wait()
+        gdc_launch_dependents()
     m_rc = m_r[:, None] & m_c[None, :]
     b_x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=m_rc, other=0.).to(tl.float32)
     if SHIFTED:  # one sequence: row t's previous row is x[t - 1], row 0's the given row
@@ -49,13 +58,25 @@ def finch_mix_fwd_kernel(
     b_dx = b_prev - b_x
     o_r = tl.arange(0, BR)
     m_rank = o_r < R
+    if PRELOAD:
+        b_h_all = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + o_nr[None, :],
+                          mask=m_r[:, None] & (o_nr < N_MIX * R)[None, :], other=0.)
     for n in tl.static_range(N_MIX):
-        b_h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + n * R + o_r[None, :],
-                      mask=m_r[:, None] & m_rank[None, :], other=0.)
-        b_w2 = tl.load(w2_ptr + (n * R + o_r)[:, None] * C + cols[None, :], mask=m_rank[:, None] & m_c[None, :],
-                       other=0.)
-        b_mix = tl.dot(b_h, b_w2, input_precision=DOT_PRECISION)
-        b_maa = tl.load(maa_ptr + n * C + cols, mask=m_c, other=0.).to(tl.float32)
+        if PRELOAD:
+            # mix n's rank columns of h against every mix's rows of w2: the other columns are exact
+            # zeros, so this is mix n's product (with R a multiple of 16, as at the 1.5B shape, even
+            # its float32 sums are grouped the same)
+            in_mix = (o_nr >= n * R) & (o_nr < n * R + R)
+            b_mix = tl.dot(tl.where(in_mix[None, :], b_h_all, tl.zeros_like(b_h_all)), b_w2_all,
+                           input_precision=DOT_PRECISION)
+            b_maa = tl.sum(tl.where((o_n == n)[:, None], b_maa_all, 0.), 0)
+        else:
+            b_h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + n * R + o_r[None, :],
+                          mask=m_r[:, None] & m_rank[None, :], other=0.)
+            b_w2 = tl.load(w2_ptr + (n * R + o_r)[:, None] * C + cols[None, :], mask=m_rank[:, None] & m_c[None, :],
+                           other=0.)
+            b_mix = tl.dot(b_h, b_w2, input_precision=DOT_PRECISION)
+            b_maa = tl.load(maa_ptr + n * C + cols, mask=m_c, other=0.).to(tl.float32)
         b_out = b_x + b_dx * (b_maa[None, :] + b_mix)
         tl.store(out_ptr + (n * N + rows[:, None].to(tl.int64)) * C + cols[None, :],
                  b_out.to(out_ptr.dtype.element_ty), mask=m_rc)
@@ -87,10 +108,11 @@ DECODE_ROWS, DECODE_TILES = 16, (16, 32, 2)
 
 
 def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted: bool,
-              tiles: tuple[int, int, int] | None = None) -> Tensor:
+              tiles: tuple[int, int, int] | None = None, preload: bool | None = None) -> Tensor:
     """The n_mix mixed inputs [n_mix, N, C] (contiguous, x's dtype). x: [N, C]; prev: [N, C], or
     [1, C] with `shifted` (x is one sequence; row t's previous row is x[t - 1]); h: [N, n_mix * R];
-    w2: [n_mix, R, C]; maa: [n_mix, C]. See `kernels.finch_mix_reference`."""
+    w2: [n_mix, R, C]; maa: [n_mix, C]. See `kernels.finch_mix_reference`. `preload` (default: for
+    a decode step's few rows) loads every mix's weights at once, before the PDL wait."""
     _check(x, prev, h, w2, maa, shifted)
     N, C = x.shape
     n_mix, R = w2.shape[:2]
@@ -99,12 +121,18 @@ def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shift
         return out
     x, prev, h = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, prev, h))
     w2, maa = w2.contiguous(), maa.contiguous()
-    BM, BC, warps = tiles or (DECODE_TILES if N <= DECODE_ROWS else TILES)
+    decode = N <= DECODE_ROWS
+    BM, BC, warps = tiles or (DECODE_TILES if decode else TILES)
     BC = min(BC, triton.next_power_of_2(C))
+    BR = max(16, triton.next_power_of_2(R))
+    # decode tiles hold every mix's LoRA rows at once (BNR x BC: 256 x 32 at the 1.5B shape); the
+    # prefill tiles' 128 channels would not fit the registers
+    preload = decode if preload is None else preload
     use_pdl = pdl.enabled(x.device, N)
     finch_mix_fwd_kernel[(triton.cdiv(N, BM), triton.cdiv(C, BC))](
         x, prev, h, w2, maa, out, N, C, x.stride(0), prev.stride(0), h.stride(0),
-        N_MIX=n_mix, R=R, BR=max(16, triton.next_power_of_2(R)), BM=BM, BC=BC, SHIFTED=shifted,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, num_warps=warps,
+        N_MIX=n_mix, R=R, BR=BR, BM=BM, BC=BC, SHIFTED=shifted,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, PRELOAD=preload,
+        BNR=max(16, triton.next_power_of_2(n_mix * R)), BNM=triton.next_power_of_2(n_mix), num_warps=warps,
         **pdl.launch_options(use_pdl))
     return out

@@ -51,16 +51,18 @@ def finch_wkv_decode_fwd_kernel(
     if HAS_V2:
         o_rv = tl.arange(0, BR_V)
         vw2 = tl.load(vw2_ptr + o_rv[:, None] * A + ch_v[None, :], mask=(o_rv < R_V)[:, None], other=0.).to(tl.float32)
-    if PDL:  # (`kernels.pdl`) the weights above depend on no earlier kernel: loaded before the wait
+    # the state tile too: a slot's state was last written by this layer's step before, and a step's
+    # inputs (the slots) are copied before its first kernel, which no earlier step's kernel outlives
+    slot = tl.load(slots_ptr + i_n).to(tl.int64)
+    p_s = state_ptr + slot * stride_ss + i_h * stride_sh + o_k[:, None] * V + o_v[None, :]
+    b_s = tl.load(p_s)
+    if PDL:  # (`kernels.pdl`) what is above depends on no earlier kernel of this step: loaded before the wait
         gdc_wait()
         gdc_launch_dependents()
     hid = tl.load(dh_ptr + i_n * stride_dh + o_rw, mask=o_rw < R_W, other=0.).to(tl.float32)
     b_k = tl.load(k_ptr + row + ch_k).to(tl.float32)
     b_r = tl.load(r_ptr + row + ch_k).to(tl.float32)
     b_v = tl.load(v_ptr + row + ch_v).to(tl.float32)
-    slot = tl.load(slots_ptr + i_n).to(tl.int64)
-    p_s = state_ptr + slot * stride_ss + i_h * stride_sh + o_k[:, None] * V + o_v[None, :]
-    b_s = tl.load(p_s)
     if HAS_V2:
         hid_v = tl.load(vh_ptr + i_n * stride_vh + o_rv, mask=o_rv < R_V, other=0.).to(tl.float32)
         b_v2 = tl.load(v2_ptr + row + ch_v).to(tl.float32)

@@ -59,6 +59,16 @@ def test_mixes_match_the_reference(N, C, n_mix, R, dtype, shifted):
     assert _rel(out, _reference64(*args, shifted)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("preload", [True, False], ids=["preload", "per_mix"])
+@pytest.mark.parametrize("N,C,n_mix,R", [(3, 48, 5, 8), (16, 64, 1, 32), (2, 96, 4, 24), (40, 32, 5, 16)])
+def test_preloaded_weights_match_the_reference(N, C, n_mix, R, preload):
+    """Both ways of reading the LoRA weights (all mixes' rows at once before the PDL wait, the decode
+    default; or each mix's rows in its turn), at ranks that are and are not multiples of 16."""
+    args = _inputs(N, C, n_mix, R, torch.float32, DEVICE, False, seed=R)
+    out = finch_mix(*args, False, preload=preload)
+    assert _rel(out, _reference64(*args, False)) < TOL[torch.float32]
+
+
 def test_shifted_reads_the_previous_row_and_the_given_first():
     """Row 0 mixes with the given row, row t with x[t - 1]: checked on inputs where only dx matters."""
     N, C, R = 5, 32, 16
