@@ -33,12 +33,6 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def decode_gemv_fwd_kernel(
     x_ptr, stride_x, w_ptr, out_ptr, stride_out, groups_ptr, res_ptr, stride_res, gate_ptr, stride_gate,
     B, N, K, ACT_COLS, PREFETCH_K,
@@ -55,7 +49,7 @@ def decode_gemv_fwd_kernel(
         lines = tl.arange(0, BK // LINE) * LINE
         base = w_ptr + tl.minimum(cols_n, N - 1).to(tl.int64)[:, None] * K
         for k0 in range(0, PREFETCH_K, BK):
-            _prefetch_l2(base + tl.minimum(k0 + lines, K - 1)[None, :])
+            pdl.prefetch_l2(base + tl.minimum(k0 + lines, K - 1)[None, :])
         gdc_wait()  # the inputs, residual and output are the earlier kernels'
         gdc_launch_dependents()
     i = tl.arange(0, BM)

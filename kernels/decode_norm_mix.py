@@ -37,7 +37,13 @@ def decode_norm_mix_fwd_kernel(
     if HAS_LORA:
         o_r = i_r * BR + tl.arange(0, BR)
         w1t = tl.load(w1t_ptr + o_r[:, None] * K + cols[None, :], mask=(o_r < R)[:, None] & m[None, :], other=0.)
-    if PDL:  # (`kernels.pdl`) the LoRA weight depends on no earlier kernel: loaded before the wait
+    lw = tl.load(ln_w_ptr + cols, mask=m, other=0.).to(tl.float32)
+    lb = tl.load(ln_b_ptr + cols, mask=m, other=0.).to(tl.float32)
+    if N_MIX > 0:
+        mix0 = tl.load(mix_ptr + cols, mask=m, other=0.).to(tl.float32)
+    if N_MIX > 1:
+        mix1 = tl.load(mix_ptr + K + cols, mask=m, other=0.).to(tl.float32)
+    if PDL:  # (`kernels.pdl`) the weights above depend on no earlier kernel: loaded before the wait
         gdc_wait()
         gdc_launch_dependents()
     # every load first: the reductions below synchronise the warps, and loads after them would
@@ -45,13 +51,8 @@ def decode_norm_mix_fwd_kernel(
     x = tl.load(x_ptr + b * stride_x + cols, mask=m, other=0.)
     if HAS_ADD:
         a = tl.load(add_ptr + b * stride_add + cols, mask=m, other=0.)
-    lw = tl.load(ln_w_ptr + cols, mask=m, other=0.).to(tl.float32)
-    lb = tl.load(ln_b_ptr + cols, mask=m, other=0.).to(tl.float32)
     if N_MIX > 0:
         prev = tl.load(prev_ptr + b * stride_prev + cols, mask=m, other=0.).to(tl.float32)
-        mix0 = tl.load(mix_ptr + cols, mask=m, other=0.).to(tl.float32)
-    if N_MIX > 1:
-        mix1 = tl.load(mix_ptr + K + cols, mask=m, other=0.).to(tl.float32)
     if HAS_ADD:  # the sum rounded as a PyTorch add stores it
         x = (x.to(tl.float32) + a.to(tl.float32)).to(x_ptr.dtype.element_ty)
     x = x.to(tl.float32)

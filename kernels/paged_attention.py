@@ -50,29 +50,37 @@ def paged_decode_attention_fwd_kernel(
     stride_ob, stride_oh,  # out [B, H, D] (used only when NUM_SPLITS == 1)
     max_pages, qk_scale,  # qk_scale = scale * log2(e)
     NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
 ):
-    if PDL:  # (`kernels.pdl`)
-        gdc_wait()
-        gdc_launch_dependents()
     i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
     o_p = tl.arange(0, PAGE)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
 
+    # lengths and tables are the step's inputs, copied before its first kernel: read before the wait
     seq_len = tl.maximum(tl.load(sl_ptr + i_b).to(tl.int32), 0)
     n_pages = tl.minimum(tl.cdiv(seq_len, PAGE), max_pages)  # never past the table
     per_split = tl.cdiv(n_pages, NUM_SPLITS)
     first = i_s * per_split
     last = tl.minimum(first + per_split, n_pages)  # first >= last: an empty split
+    p_bt = bt_ptr + i_b64 * stride_btb
+    if PDL:  # (`kernels.pdl`)
+        # ask L2 for the split's first pages while the kernel before runs (the new token's row of
+        # them is written earlier in this step: only prefetched, read after the wait)
+        for j in tl.static_range(PREFETCH_PAGES):
+            ok = first + j < last
+            block = tl.load(p_bt + first + j, mask=ok, other=0).to(tl.int64)  # block 0: a harmless line
+            pdl.prefetch_l2(k_ptr + block * stride_kn + o_p * stride_kp + i_h * stride_kh)
+            pdl.prefetch_l2(v_ptr + block * stride_vn + o_p * stride_vp + i_h * stride_vh)
+        gdc_wait()
+        gdc_launch_dependents()
 
     b_q = tl.load(q_ptr + i_b64 * stride_qb + i_h * stride_qh + o_d, mask=m_d, other=0.).to(tl.float32)
     b_q = b_q * qk_scale
     b_m = tl.full([], float("-inf"), tl.float32)
     b_l = tl.full([], 0., tl.float32)
     b_acc = tl.zeros([BD], dtype=tl.float32)
-    p_bt = bt_ptr + i_b64 * stride_btb
     for i_p in tl.range(first, last, num_stages=NUM_STAGES):  # stages > 1: pages prefetched
         block = tl.load(p_bt + i_p).to(tl.int64)  # int64: pools are many GB
         m_t = (i_p * PAGE + o_p) < seq_len  # slots of the last page past the end are never read
@@ -136,6 +144,8 @@ def _num_warps(page: int, BD: int) -> int:
 # (benchmarks/bench_paged_attention.py sweep): 3 stages cut b64 x 4K from 680 to 598 us and b1 x 128K
 # (32 splits) from 416 to 302 us
 DEFAULT_STAGES = 3
+# pages of K and V a program asks L2 for before its PDL wait (batch 1 at 4K: 2 pages a program)
+PREFETCH_PAGES = 2
 
 
 def paged_decode_attention_fwd(q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tables: Tensor,
@@ -162,7 +172,7 @@ def paged_decode_attention_fwd(q: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
         qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], block_tables.stride(0), os_[0], os_[1],
         block_tables.shape[1], scale * LOG2E,
         NUM_SPLITS=num_splits, PAGE=page, D=D, BD=BD, NUM_STAGES=num_stages or DEFAULT_STAGES, PDL=use_pdl,
-        num_warps=num_warps, **pdl.launch_options(use_pdl),
+        PREFETCH_PAGES=PREFETCH_PAGES, num_warps=num_warps, **pdl.launch_options(use_pdl),
     )
     if num_splits > 1:
         BS = triton.next_power_of_2(num_splits)

@@ -7,10 +7,13 @@ runs; its programs issue what depends on no earlier kernel (L2 prefetches of the
 loads of weights) and then wait for the earlier kernel.
 
 The rule that keeps it exact: every program of a kernel launched with PDL executes `gdc_wait`
-(which returns once the preceding grid has completed and its memory is visible) before it reads or
-writes anything another kernel writes, and signals `gdc_launch_dependents` only after that wait, so
-that at most one kernel runs ahead. A kernel launched without PDL (any PyTorch op) starts after
-everything before it as usual. On other devices, under Triton's interpreter, and with
+(which returns once the preceding grid has completed and its memory is visible) before it writes
+anything, or reads anything the kernel launched just before it may write, and signals
+`gdc_launch_dependents` only after that wait, so that at most one kernel runs ahead: when a kernel
+starts, every kernel but the one just before it has completed. So the weights, the step's inputs
+(copied before its first kernel) and what earlier steps left (the WKV states) may be read before
+the wait; the outputs of the kernel just before may not. A kernel launched without PDL (any
+PyTorch op) starts after everything before it as usual. On other devices, under Triton's interpreter, and with
 `GOLDFINCH_PDL=0` (A/B checks), kernels launch as plain launches and the wait is not compiled in.
 """
 from __future__ import annotations
@@ -19,6 +22,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 ENV_VAR = "GOLDFINCH_PDL"
 # Launches of at most this many rows (sequences) use PDL. H100, 1.5B shape, the fused decode step
@@ -44,3 +49,11 @@ def launch_options(use_pdl: bool) -> dict:
     """The launch keyword that asks Triton for a PDL launch (none otherwise: the interpreter's
     launcher does not take it)."""
     return {"launch_pdl": True} if use_pdl else {}
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Asks L2 for the lines at `ptrs` (no value, no wait): what a kernel may do before its PDL wait
+    with addresses that depend on no earlier kernel, even where the data itself may still be written."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
