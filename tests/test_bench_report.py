@@ -77,3 +77,28 @@ def test_decode_cases_run_in_processes_of_their_own():
     assert rows[0]["steps"] == rows[2]["steps"] == 3
     late = bench_decode_isolated(cases[:1], time.monotonic() - 1, child=_fake_decode_child)
     assert late == [{"batch": 1, "context": 4096, "mode": "sets", "skipped": "time budget"}]
+
+
+def test_startup_benchmark_uses_the_servers_defaults():
+    """`bench_startup` starts its engine as `goldfinch-serve` does with no options."""
+    from bench_startup import SERVER_DEFAULTS
+    from server.cli import parse_args
+
+    args = parse_args([])
+    assert {k: getattr(args, k) for k in SERVER_DEFAULTS} == SERVER_DEFAULTS
+
+
+def test_startup_benchmark_times_an_engine_and_its_first_requests():
+    """`bench_startup.measure` on the CPU with a small model: the engine's start and each request's
+    first and last token, every requested token produced."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bench_startup import measure
+    from conftest import load_model
+    from engine.config_engine import EngineConfig
+
+    model = load_model("goldfinch_l6_d128")
+    run = measure(model, EngineConfig(max_model_len=128, max_num_batched_tokens=32), [40, 90], max_tokens=3)
+    assert run["engine_start_s"] > 0
+    assert [r["prompt"] for r in run["requests"]] == [40, 90]
+    for r in run["requests"]:
+        assert r["tokens"] == 3 and 0 < r["ttft_s"] <= r["total_s"]
