@@ -261,6 +261,21 @@ def test_setup_script_passes_the_torch_index(tmp_path):
 
 
 # ---- every deploy file parses ------------------------------------------------------------------
+def test_compile_caches_go_to_a_mounted_folder():
+    """The image puts both compile caches under one folder, and compose and Kubernetes mount a
+    volume there, so that a restart finds its compiled kernels."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    env = dict(re.findall(r"\b(TORCHINDUCTOR_CACHE_DIR|TRITON_CACHE_DIR)=(\S+)", text))
+    folder = "/var/cache/goldfinch"
+    assert set(env) == {"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}
+    assert all(v.startswith(folder + "/") for v in env.values()), env
+    assert re.search(rf"chown goldfinch:goldfinch [^\n]*{folder}", text)  # the server's user writes it
+    srv = load_yaml_docs(COMPOSE)[0]["services"]["goldfinch"]
+    assert any(v.split(":")[1] == folder for v in srv["volumes"])
+    (c,) = k8s_objects()[("Deployment", "goldfinch-serve")]["spec"]["template"]["spec"]["containers"]
+    assert folder in [m["mountPath"] for m in c["volumeMounts"]]
+
+
 def test_every_deploy_file_parses():
     files = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yml", ".yaml", ".json"))
     assert len(files) >= 12, files
