@@ -105,6 +105,9 @@ TILES = (32, 128, 4)
 # a decode step's few rows: narrow column blocks, so that 64 programs rather than 16 share the LoRA
 # weight's read (H100, batch 1 at the 1.5B shape: 7.0 us a call at TILES, 5.3 us at these)
 DECODE_ROWS, DECODE_TILES = 16, (16, 32, 2)
+# the most LoRA weight elements a decode program holds to load them all before the PDL wait (H100,
+# batch 1 at the 1.5B shape, 8,192 = 256 x 32: the step 1.83-1.86 -> 1.80-1.83 ms with the WKV change)
+PRELOAD_ELEMENTS = 8192
 
 
 def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shifted: bool,
@@ -124,15 +127,15 @@ def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shift
     decode = N <= DECODE_ROWS
     BM, BC, warps = tiles or (DECODE_TILES if decode else TILES)
     BC = min(BC, triton.next_power_of_2(C))
-    BR = max(16, triton.next_power_of_2(R))
-    # decode tiles hold every mix's LoRA rows at once (BNR x BC: 256 x 32 at the 1.5B shape); the
-    # prefill tiles' 128 channels would not fit the registers
-    preload = decode if preload is None else preload
+    BR, BNR = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(n_mix * R))
+    # decode tiles hold every mix's LoRA rows at once (BNR x BC: 256 x 32 at the 1.5B shape) where
+    # they fit the registers; the prefill tiles' 128 channels would not
+    if preload is None:
+        preload = decode and BNR * BC <= PRELOAD_ELEMENTS
     use_pdl = pdl.enabled(x.device, N)
     finch_mix_fwd_kernel[(triton.cdiv(N, BM), triton.cdiv(C, BC))](
         x, prev, h, w2, maa, out, N, C, x.stride(0), prev.stride(0), h.stride(0),
         N_MIX=n_mix, R=R, BR=BR, BM=BM, BC=BC, SHIFTED=shifted,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, PRELOAD=preload,
-        BNR=max(16, triton.next_power_of_2(n_mix * R)), BNM=triton.next_power_of_2(n_mix), num_warps=warps,
-        **pdl.launch_options(use_pdl))
+        BNR=BNR, BNM=triton.next_power_of_2(n_mix), num_warps=warps, **pdl.launch_options(use_pdl))
     return out
