@@ -249,7 +249,7 @@ def markdown(res) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="result file (.json; .md beside it) or folder (default: $OUT)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
     ap.add_argument("--sections", default="", help="comma-separated subset of decode,prefill,variants")
     args = ap.parse_args()
@@ -275,12 +275,15 @@ def main() -> None:
             res[name] = []
             res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
             print(f"{name} failed: {res[name + '_error']}", flush=True)
-    out = args.out or (str(Path(os.environ["OUT"]) / "bench_wkv6.json") if os.environ.get("OUT") else None)
+    out = args.out or os.environ.get("OUT")
+    if out and (Path(out).is_dir() or not out.endswith(".json")):  # a folder: the file goes in it
+        out = str(Path(out) / "bench_wkv6.json")
     text = json.dumps(res, indent=1)
     print(text)
     table = markdown(res)
     print(table)
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
         Path(out).with_suffix(".md").write_text(table + "\n")
 
