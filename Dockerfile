@@ -46,8 +46,9 @@ COPY models/demo/ models/demo/
 
 # Compiled kernels (Triton, torch.compile) are cached in one folder: mount a volume there and a
 # restart finds them (H100, 1.5B shape, benchmarks/bench_startup.py: engine start 71 s with empty
-# caches, 11 s with them; a fresh start's first requests of each new length also wait 3-4 s for
-# compiles, 0.3 s or less with them). The caches are keyed by the code and versions that made them.
+# caches, 11 s with them; on a fresh start a 4,000- and then a 1,000-token prompt also waited 3-4 s
+# each for compiles, 0.3 s or less with them). The caches are keyed by the code and versions that
+# made them.
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GOLDFINCH_HOST=0.0.0.0 \

@@ -97,7 +97,8 @@ def render_markdown(result: dict) -> str:
         if not run or "error" in run:
             lines.append(f"| {name} | {run.get('error', 'not run') if run else 'not run'} | | |")
             continue
-        cells = [f"{r['ttft_s']:.2f} / {r['total_s']:.2f}" for r in run["requests"]]
+        cells = [f"{r['ttft_s']:.2f} / {r['total_s']:.2f}" if r["ttft_s"] is not None else f"no token / {r['total_s']:.2f}"
+                 for r in run["requests"]]
         lines.append(f"| {name} | {run['model_build_s']:.1f} | **{run['engine_start_s']:.1f}** | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
