@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from kernels.decode_gemv_reference import ColumnSegments
-from kernels.dispatch import decode_gemv, decode_norm_mix, finch_mix, finch_wkv_decode, plan_columns
+from kernels.dispatch import decode_gemv, decode_norm_mix, finch_mix, finch_wkv_decode, plan_columns, split_counters
 
 from . import layers as L
 from .config import TMIX_FINCH, ModelConfig
@@ -112,6 +112,7 @@ class FusedBlocks:
         self.model, self.cfg = model, cfg
         self.finch = [_finch(model.blocks[i], cfg, dev) for i in range(cfg.n_finch)]
         self.gold = [_gold(model.blocks[i], cfg, dev) for i in range(cfg.gold_start, cfg.n_layer)]
+        self.split_counters = split_counters(dev)  # the value products' split-K arrivals
 
     @staticmethod
     def applies(batch: int) -> bool:
@@ -187,7 +188,7 @@ class FusedBlocks:
         decode_norm_mix(x, _ln(w, "ln2"), ln_out=xf, prev=prev, mix=cm.mix, out=mixed)
         decode_gemv(mixed, w[L.CMIX_STACKED], kr, B, cm.plan, activation="relu_square", act_cols=Fd)
         out = decode_gemv(kr[:B, :Fd], w["ffn.value.weight"], torch.empty_like(x), B, activation="gated_residual",
-                          residual=x, gate=kr[B:, Fd:])
+                          residual=x, gate=kr[B:, Fd:], split_counters=self.split_counters)
         return out, xf
 
 

@@ -35,12 +35,15 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def decode_gemv_fwd_kernel(
     x_ptr, stride_x, w_ptr, out_ptr, stride_out, groups_ptr, res_ptr, stride_res, gate_ptr, stride_gate,
-    B, N, K, ACT_COLS, PREFETCH_K,
+    ws_ptr, cnt_ptr, B, N, K, ACT_COLS, PREFETCH_K, K_SPLIT, WS_STRIDE,
     ACTIVATION: tl.constexpr, HAS_GROUPS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr, LINE: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)  # which of the SPLIT_K runs of K_SPLIT weight columns
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
     cols_n = pid * BN + tl.arange(0, BN)
     m_n = cols_n < N
     if PDL:
@@ -48,7 +51,7 @@ def decode_gemv_fwd_kernel(
         # weight columns (one request per LINE elements) while the kernel before it finishes
         lines = tl.arange(0, BK // LINE) * LINE
         base = w_ptr + tl.minimum(cols_n, N - 1).to(tl.int64)[:, None] * K
-        for k0 in range(0, PREFETCH_K, BK):
+        for k0 in range(k_lo, tl.minimum(k_lo + PREFETCH_K, k_hi), BK):
             pdl.prefetch_l2(base + tl.minimum(k0 + lines, K - 1)[None, :])
         gdc_wait()  # the inputs, residual and output are the earlier kernels'
         gdc_launch_dependents()
@@ -64,15 +67,38 @@ def decode_gemv_fwd_kernel(
     group = tl.where(m_row, group, 0)
     row = group * B + src  # the input row and the output row
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         cols_k = k0 + tl.arange(0, BK)
-        m_k = cols_k < K
+        m_k = cols_k < k_hi
         inp = tl.load(x_ptr + row[:, None] * stride_x + cols_k[None, :], mask=m_row[:, None] & m_k[None, :], other=0.)
         w = tl.load(w_ptr + cols_n[:, None].to(tl.int64) * K + cols_k[None, :], mask=m_n[:, None] & m_k[None, :],
                     other=0.)
         acc = tl.dot(inp, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    p = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the product as the unfused op stores it
     m_out = m_row[:, None] & m_n[None, :]
+    if SPLIT_K > 1:
+        # split-K: each run stores its float32 partial; the run that arrives last at this column
+        # block's counter adds them in run order (the same sum whatever the arrival order), applies
+        # the epilogue, stores, and sets the counter back to 0 for the next call
+        p_ws = ws_ptr + row[:, None] * N + cols_n[None, :]
+        tl.store(p_ws + pid_k * WS_STRIDE, acc, mask=m_out)
+        tl.debug_barrier()  # every thread's partial is stored before the arrival is released
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(p_ws + s * WS_STRIDE, mask=m_out, other=0., cache_modifier=".cg")
+            _epilogue(acc, out_ptr, stride_out, res_ptr, stride_res, gate_ptr, stride_gate, row, cols_n, m_out,
+                      ACT_COLS, ACTIVATION)
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+    else:
+        _epilogue(acc, out_ptr, stride_out, res_ptr, stride_res, gate_ptr, stride_gate, row, cols_n, m_out,
+                  ACT_COLS, ACTIVATION)
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, stride_out, res_ptr, stride_res, gate_ptr, stride_gate, row, cols_n, m_out, ACT_COLS,
+              ACTIVATION: tl.constexpr):
+    p = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the product as the unfused op stores it
     if ACTIVATION == 1:
         p = 1. - 2. / (tl.exp(2. * p) + 1.)  # tanh
     elif ACTIVATION == 2:
@@ -96,13 +122,18 @@ class GemvTuning:
     # PDL: `kernels.pdl`). H100, batch 1 at the 1.5B shape, decode step 1.87-1.91 ms without PDL:
     # 0 tiles 1.85-1.87, 1 tile 1.82-1.85, 2 tiles 1.85, 4 tiles 1.92-1.93, all 2.12
     prefetch_tiles: int = 1
+    # runs of K in separate programs, added by the last to finish (with `split_counters`, launches
+    # of at most SPLIT_K_ROWS rows): more programs in flight for a narrow weight over a long K
+    split_k: int = 1
 
 
 # programs that fit one wave of an H100 at the wide tiles' shared memory (one program a multiprocessor)
 ONE_WAVE = 132
+# launches of at most this many rows split K where the tuning says so (measured at batch 1)
+SPLIT_K_ROWS = 4
 
 
-def default_tuning(N: int, K: int) -> GemvTuning:
+def default_tuning(N: int, K: int, split: bool = True) -> GemvTuning:
     """Best of a sweep on an H100 at M = 1-16 (scratch probe, bf16, 4 warps, 4 stages): wide weights
     64 x 256 (6,144 x 2,048: 11.0 us, cuBLAS 11.7; the 65,536-row head: 89.5 us, cuBLAS 96.5) unless
     that is between one and two waves, then 32 x 128 (9,216 x 2,048: 15.5 us, cuBLAS 15.5); narrow
@@ -111,6 +142,10 @@ def default_tuning(N: int, K: int) -> GemvTuning:
     if N >= 4096:
         waves = triton.cdiv(N, 64) / ONE_WAVE
         return GemvTuning(32, fit(128)) if 1 < waves <= 2 else GemvTuning(64, fit(256))
+    if K >= 4096 and split:
+        # the channel mix's value weight (2,048 x 7,168) at batch 1: 14.50 us in one run of K, 13.39
+        # in four of 32 x 128 tiles (probe, H100, results/gemv_variants_h100_s11.txt)
+        return GemvTuning(32, fit(128), split_k=4)
     return GemvTuning(16, fit(512))
 
 
@@ -127,7 +162,7 @@ def plan_columns(segments: ColumnSegments, K: int, device, tuning: GemvTuning | 
     """The block table of `segments` over a weight [segments.ends[-1], K]; the block width is the
     tuning's, halved until every segment boundary falls on a block boundary (at least 16)."""
     N = segments.ends[-1]
-    tuning = tuning or default_tuning(N, K)
+    tuning = tuning or default_tuning(N, K, split=False)  # a plan's products never split K
     bn = tuning.block_n
     while bn > 16 and any(e % bn for e in segments.ends[:-1]):
         bn //= 2
@@ -151,12 +186,14 @@ def _check_rows(name: str, t: Tensor, shape: tuple[int, int], dtype, device) -> 
 
 def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan: ColumnPlan | None = None,
                 activation: str = "none", act_cols: int = 0, residual: Tensor | None = None,
-                gate: Tensor | None = None) -> Tensor:
+                gate: Tensor | None = None, split_counters: Tensor | None = None) -> Tensor:
     """Writes and returns out [G*B, N] (rows may be strided, channels contiguous).
 
     x: [G*B, K] input rows (strided rows allowed); weight: [N, K] contiguous; plan: the column
     segments (`plan_columns`), None for one group reading every column; activation: one of
-    ACTIVATIONS (`act_cols` for relu_square; residual and gate [G*B, N] for the residual ones)."""
+    ACTIVATIONS (`act_cols` for relu_square; residual and gate [G*B, N] for the residual ones);
+    split_counters: int32 zeros, one per column block at least (`SplitCounters`), which every call
+    leaves zero: lets a tuning with split_k > 1 split K (launches of at most SPLIT_K_ROWS rows)."""
     B, (N, K) = batch, weight.shape
     G = plan.segments.n_groups if plan is not None else 1
     if activation not in ACTIVATIONS:
@@ -178,15 +215,34 @@ def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan: Column
         if t is not None:
             _check_rows(name, t, (G * B, N), dt, dev)
     tuning = plan.tuning if plan is not None else default_tuning(N, K)
-    grid = (triton.cdiv(N, tuning.block_n),)
+    split = tuning.split_k > 1 and split_counters is not None and G * B <= SPLIT_K_ROWS
+    if tuning.split_k > 1 and not split:
+        tuning = default_tuning(N, K, split=False)
+    n_blocks = triton.cdiv(N, tuning.block_n)
+    S = tuning.split_k if split else 1
     bk, line = tuning.block_k, 128 // weight.element_size()  # a 128-byte line of L2
+    k_split = triton.cdiv(triton.cdiv(K, S), bk) * bk
+    workspace = out
+    if S > 1:
+        c = split_counters
+        if c.dtype != torch.int32 or c.device != dev or c.dim() != 1 or c.numel() < n_blocks:
+            raise ValueError(f"split_counters: expected int32 [>= {n_blocks}] on {dev}, got {c.dtype} "
+                             f"{list(c.shape)} on {c.device}")
+        workspace = torch.empty((S, G * B, N), dtype=torch.float32, device=dev)
     use_pdl = pdl.enabled(dev, B)
-    decode_gemv_fwd_kernel[grid](
+    decode_gemv_fwd_kernel[(n_blocks, S)](
         x, x.stride(0), weight, out, out.stride(0), plan.block_groups if plan is not None else out,
         residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
-        gate if gate is not None else out, gate.stride(0) if gate is not None else 0, B, N, K, act_cols,
-        min(K, tuning.prefetch_tiles * bk), ACTIVATION=ACTIVATIONS.index(activation), HAS_GROUPS=plan is not None,
-        BM=max(16, triton.next_power_of_2(B * per_block)), BN=tuning.block_n, BK=bk,
-        DOT_PRECISION="ieee" if dt == torch.float32 else "tf32", PDL=use_pdl, LINE=min(line, bk),
+        gate if gate is not None else out, gate.stride(0) if gate is not None else 0,
+        workspace, split_counters if S > 1 else out, B, N, K, act_cols,
+        min(K, tuning.prefetch_tiles * bk), k_split, G * B * N, ACTIVATION=ACTIVATIONS.index(activation),
+        HAS_GROUPS=plan is not None, BM=max(16, triton.next_power_of_2(B * per_block)), BN=tuning.block_n, BK=bk,
+        DOT_PRECISION="ieee" if dt == torch.float32 else "tf32", PDL=use_pdl, LINE=min(line, bk), SPLIT_K=S,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl.launch_options(use_pdl))
     return out
+
+
+def new_split_counters(device, size: int = 1 << 12) -> Tensor:
+    """Arrival counters for split-K products (`decode_gemv`'s split_counters): zeros that every call
+    leaves zero, so one buffer serves every product launched one after another on a stream."""
+    return torch.zeros(size, dtype=torch.int32, device=device)

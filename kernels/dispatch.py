@@ -163,15 +163,26 @@ def plan_columns(segments: ColumnSegments, K: int, device: torch.device):
     return segments
 
 
-def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan=None, **fused) -> Tensor:
+def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan=None, split_counters: Tensor | None = None,
+                **fused) -> Tensor:
     """A decode step's skinny product with its activation or residual fused in; see
-    `kernels.decode_gemv_reference` (the arguments) and `plan_columns` (plan). Writes and returns out."""
+    `kernels.decode_gemv_reference` (the arguments) and `plan_columns` (plan). split_counters
+    (`split_counters`): lets the Triton kernel split a long K over more programs (the sum is the
+    same up to the order of its float32 additions). Writes and returns out."""
     if use_triton(x) and not isinstance(plan, ColumnSegments):
         from .decode_gemv import decode_gemv as fused_gemv
 
-        return fused_gemv(x, weight, out, batch, plan, **fused)
+        return fused_gemv(x, weight, out, batch, plan, split_counters=split_counters, **fused)
     segments = plan if plan is None or isinstance(plan, ColumnSegments) else plan.segments
     return decode_gemv_reference(x, weight, out, batch, segments, **fused)
+
+
+def split_counters(device) -> Tensor:
+    """The arrival counters that split-K decode products share (one buffer per device and step
+    runner: every call leaves them zero)."""
+    from .decode_gemv import new_split_counters
+
+    return new_split_counters(device)
 
 
 def decode_norm_mix(x: Tensor, ln: tuple[Tensor, Tensor, float], ln_out: Tensor | None = None,

@@ -28,7 +28,7 @@ def finch_mix_fwd_kernel(
     N, C, stride_x, stride_prev, stride_h,
     N_MIX: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
     SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr,
-    BNR: tl.constexpr, BNM: tl.constexpr,
+    BNR: tl.constexpr, BNM: tl.constexpr, ONE_ROW: tl.constexpr,
 ):
     i_m, i_c = tl.program_id(0), tl.program_id(1)
     rows = i_m * BM + tl.arange(0, BM)
@@ -61,6 +61,16 @@ def finch_mix_fwd_kernel(
     if PRELOAD:
         b_h_all = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + o_nr[None, :],
                           mask=m_r[:, None] & (o_nr < N_MIX * R)[None, :], other=0.)
+    if ONE_ROW:
+        # one row (BM == 1, PRELOAD, R == BR): every mix's rank-R product as one multiply and a sum
+        # over each mix's R rows of w2, not N_MIX products padded to 16 rows on the matrix units
+        # (those ran one after another: most of the kernel's time at batch 1)
+        b_terms = tl.trans(b_h_all.to(tl.float32)) * b_w2_all.to(tl.float32)  # [BNR, BC]
+        b_mix_all = tl.sum(tl.reshape(b_terms, [BNR // R, R, BC]), axis=1)  # [BNM, BC]: mix n in row n
+        b_out_all = b_x + b_dx * (b_maa_all + b_mix_all)
+        p_out = out_ptr + (o_n[:, None] * N + rows.to(tl.int64)) * C + cols[None, :]
+        tl.store(p_out, b_out_all.to(out_ptr.dtype.element_ty), mask=(o_n < N_MIX)[:, None] & m_rc)
+        return
     for n in tl.static_range(N_MIX):
         if PRELOAD:
             # mix n's rank columns of h against every mix's rows of w2: the other columns are exact
@@ -105,6 +115,9 @@ TILES = (32, 128, 4)
 # a decode step's few rows: narrow column blocks, so that 64 programs rather than 16 share the LoRA
 # weight's read (H100, batch 1 at the 1.5B shape: 7.0 us a call at TILES, 5.3 us at these)
 DECODE_ROWS, DECODE_TILES = 16, (16, 32, 2)
+# up to this many rows, where the rank is a power of two >= 16, a program a row that sums each mix's
+# rank-R product over its rows of w2 instead of one matrix-unit product a mix
+ONE_ROW_ROWS, ONE_ROW_TILES = 4, (1, 32, 2)
 # the most LoRA weight elements a decode program holds to load them all before the PDL wait (H100,
 # batch 1 at the 1.5B shape, 8,192 = 256 x 32: the step 1.83-1.86 -> 1.80-1.83 ms with the WKV change)
 PRELOAD_ELEMENTS = 8192
@@ -125,17 +138,20 @@ def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shift
     x, prev, h = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, prev, h))
     w2, maa = w2.contiguous(), maa.contiguous()
     decode = N <= DECODE_ROWS
-    BM, BC, warps = tiles or (DECODE_TILES if decode else TILES)
+    one_row_fits = N <= ONE_ROW_ROWS and R >= 16 and R & (R - 1) == 0
+    BM, BC, warps = tiles or (ONE_ROW_TILES if one_row_fits else DECODE_TILES if decode else TILES)
     BC = min(BC, triton.next_power_of_2(C))
     BR, BNR = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(n_mix * R))
     # decode tiles hold every mix's LoRA rows at once (BNR x BC: 256 x 32 at the 1.5B shape) where
     # they fit the registers; the prefill tiles' 128 channels would not
     if preload is None:
         preload = decode and BNR * BC <= PRELOAD_ELEMENTS
+    # a program a row (one-row tiles, the mixes' rows of w2 in equal power-of-two groups): ONE_ROW
+    one_row = preload and BM == 1 and R == BR
     use_pdl = pdl.enabled(x.device, N)
     finch_mix_fwd_kernel[(triton.cdiv(N, BM), triton.cdiv(C, BC))](
         x, prev, h, w2, maa, out, N, C, x.stride(0), prev.stride(0), h.stride(0),
         N_MIX=n_mix, R=R, BR=BR, BM=BM, BC=BC, SHIFTED=shifted,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, PRELOAD=preload,
-        BNR=BNR, BNM=triton.next_power_of_2(n_mix), num_warps=warps, **pdl.launch_options(use_pdl))
+        BNR=BNR, BNM=triton.next_power_of_2(n_mix), ONE_ROW=one_row, num_warps=warps, **pdl.launch_options(use_pdl))
     return out

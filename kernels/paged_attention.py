@@ -136,7 +136,12 @@ def paged_decode_attention_reduce_kernel(
     tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + o_d, b_o.to(o_ptr.dtype.element_ty), mask=m_d)
 
 
-def _num_warps(page: int, BD: int) -> int:
+def _num_warps(page: int, BD: int, num_splits: int) -> int:
+    # many splits (a batch of one or two): short runs of pages, where 2 warps a program did best
+    # (H100, batch 1 x 4K, 8 layers' K/V in turn as in a step, us a layer at 16 splits and 3
+    # stages: 2 warps 17.0, 4 warps 19.5; scratch probe, results/attention_b1_h100_s12.txt)
+    if num_splits >= 8:
+        return 2
     return 4 if page * BD >= 2048 else 2
 
 
@@ -158,7 +163,7 @@ def paged_decode_attention_fwd(q: Tensor, k_pages: Tensor, v_pages: Tensor, bloc
     if B == 0 or H == 0:
         return out
     BD = triton.next_power_of_2(D)
-    num_warps = _num_warps(page, BD)
+    num_warps = _num_warps(page, BD, num_splits)
     if num_splits == 1:
         m = l = acc = out  # unused by the kernel
     else:

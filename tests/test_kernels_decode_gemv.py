@@ -19,6 +19,7 @@ IN_SUBPROCESS = needs_subprocess()
 _mod, _norm = import_kernels(("kernels.decode_gemv", "kernels.decode_norm_mix"), "decode_gemv_fwd_kernel",
                              IN_SUBPROCESS)
 decode_gemv, plan_columns, GemvTuning = _mod.decode_gemv, _mod.plan_columns, _mod.GemvTuning
+default_tuning, new_split_counters = _mod.default_tuning, _mod.new_split_counters
 decode_norm_mix = _norm.decode_norm_mix
 
 from kernels.decode_gemv_reference import (ColumnSegments, decode_gemv_reference,  # noqa: E402
@@ -31,7 +32,8 @@ def _t(g, *shape, scale=1.0, offset=0.0):
     return torch.randn(*shape, generator=g) * scale + offset
 
 
-def _run_both(dtype, device, B, K, weight, G, plan=None, activation="none", act_cols=0, strided=False, seed=0):
+def _run_both(dtype, device, B, K, weight, G, plan=None, activation="none", act_cols=0, strided=False, seed=0,
+              split_counters=None):
     """Kernel and reference on the same inputs: (out, reference out), rows no segment reads NaN."""
     g = torch.Generator().manual_seed(seed)
     x = _t(g, G * B, K + 8)[:, 4:K + 4] if strided else _t(g, G * B, K)
@@ -44,7 +46,8 @@ def _run_both(dtype, device, B, K, weight, G, plan=None, activation="none", act_
     x = x.to(dtype).to(device)
     out = torch.full((G * B, N), float("nan"), dtype=dtype, device=device)
     ref = out.clone()
-    decode_gemv(x, weight, out, B, plan, activation=activation, act_cols=act_cols, **kw)
+    decode_gemv(x, weight, out, B, plan, activation=activation, act_cols=act_cols, split_counters=split_counters,
+                **kw)
     decode_gemv_reference(x, weight, ref, B, plan.segments if plan else None, activation=activation,
                           act_cols=act_cols, **kw)
     return out, ref
@@ -105,6 +108,46 @@ def test_gated_residual_over_a_long_k(dtype):
     out, ref = _run_both(dtype, DEVICE, B, K, _weight(N, K, dtype, seed=3), 1, activation="gated_residual",
                          strided=True)
     assert _rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("split,activation,B", [(2, "none", 1), (3, "gated_residual", 1), (3, "relu_square", 2),
+                                                (4, "residual", 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_k_adds_its_runs_and_leaves_the_counters_zero(dtype, split, activation, B):
+    """K in `split` runs (the last one shorter), two groups of B rows: each column block's last run
+    to arrive adds every run's partial; twice in a row, as a decode step replays the same counters."""
+    K, N = 200, 64  # runs of 96, 96 and 8 columns at split 3 with tiles of 32
+    segments = ColumnSegments(ends=(32, 64), groups=((0,), (1,)))
+    plan = plan_columns(segments, K, DEVICE, GemvTuning(16, 32, split_k=split))
+    counters = new_split_counters(DEVICE, 16)
+    w = _weight(N, K, dtype, seed=split)
+    for seed in (1, 2):
+        out, ref = _run_both(dtype, DEVICE, B, K, w, 2, plan, activation=activation, act_cols=48, seed=seed,
+                             split_counters=counters)
+        assert _rel(out[:B, :32], ref[:B, :32]) < TOL[dtype] and _rel(out[B:, 32:], ref[B:, 32:]) < TOL[dtype]
+        assert out[:B, 32:].isnan().all() and out[B:, :32].isnan().all()
+        assert counters.count_nonzero().item() == 0
+
+
+def test_split_k_where_the_tuning_and_the_rows_allow():
+    """The value product's shape splits K by default, given counters and at most SPLIT_K_ROWS rows;
+    without counters, or with more rows, one run (the same result up to float32 sums); counters of
+    the wrong type or too few are named."""
+    K, N = 4160, 32
+    assert default_tuning(N, K).split_k == 4 and default_tuning(N, K, split=False).split_k == 1
+    assert default_tuning(N, 2048).split_k == 1 and default_tuning(8192, K).split_k == 1
+    w = _weight(N, K, torch.float32, seed=7)
+    counters = new_split_counters(DEVICE, 4)
+    for B, c in ((1, counters), (1, None), (_mod.SPLIT_K_ROWS + 1, counters)):
+        out, ref = _run_both(torch.float32, DEVICE, B, K, w, 1, activation="gated_residual", seed=B,
+                             split_counters=c)
+        assert _rel(out, ref) < TOL[torch.float32]
+    assert counters.count_nonzero().item() == 0
+    x, out = torch.randn(1, K, device=DEVICE), torch.empty(1, N, device=DEVICE)
+    with pytest.raises(ValueError, match="split_counters: expected int32"):
+        decode_gemv(x, w, out, 1, split_counters=counters.long())
+    with pytest.raises(ValueError, match="split_counters: expected int32"):
+        decode_gemv(x, w, out, 1, split_counters=counters[:0])
 
 
 @pytest.mark.parametrize("n_mix,lora_rank", [(0, 0), (1, 0), (2, 0), (1, 24), (1, 160)])
@@ -189,8 +232,11 @@ def test_decode_products_at_the_1b5_shape_bf16(B):
     out, ref = _run_both(bf, "cuda", B, 2048, _weight(9216, 2048, bf), 2, plan_columns(cmix, 2048, "cuda"),
                          activation="relu_square", act_cols=7168, seed=B)
     assert _rel(out.nan_to_num(), ref.nan_to_num()) < TOL[bf]
-    out, ref = _run_both(bf, "cuda", B, 7168, _weight(2048, 7168, bf), 1, activation="gated_residual", strided=True)
-    assert _rel(out, ref) < TOL[bf]
+    counters = new_split_counters("cuda")
+    for c in (None, counters):  # the value product in one run of K, and split where B allows
+        out, ref = _run_both(bf, "cuda", B, 7168, _weight(2048, 7168, bf), 1, activation="gated_residual",
+                             strided=True, split_counters=c)
+        assert _rel(out, ref) < TOL[bf] and counters.count_nonzero().item() == 0
     out, ref = _run_both(bf, "cuda", B, 2048, _weight(2048, 2048, bf), 1, activation="residual")
     assert _rel(out, ref) < TOL[bf]
     out, ref = _run_both(bf, "cuda", B, 2048, _weight(160, 2048, bf), 1, activation="tanh")

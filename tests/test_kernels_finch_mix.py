@@ -69,6 +69,18 @@ def test_preloaded_weights_match_the_reference(N, C, n_mix, R, preload):
     assert _rel(out, _reference64(*args, False)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("shifted", [False, True], ids=["prev", "shifted"])
+@pytest.mark.parametrize("N,C,n_mix,R", [(1, 48, 5, 32), (3, 96, 4, 16), (4, 64, 1, 32), (2, 40, 3, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_one_row_programs_match_the_reference(N, C, n_mix, R, dtype, shifted):
+    """A few rows at a power-of-two rank: a program a row, every mix's product summed at once
+    (`ONE_ROW`); channels that do and do not fill the last block."""
+    assert N <= _mod.ONE_ROW_ROWS
+    args = _inputs(N, C, n_mix, R, dtype, DEVICE, shifted, seed=N * R)
+    out = finch_mix(*args, shifted)
+    assert _rel(out, _reference64(*args, shifted)) < TOL[dtype]
+
+
 def test_shifted_reads_the_previous_row_and_the_given_first():
     """Row 0 mixes with the given row, row t with x[t - 1]: checked on inputs where only dx matters."""
     N, C, R = 5, 32, 16
