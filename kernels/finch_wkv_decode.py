@@ -80,6 +80,10 @@ def finch_wkv_decode_fwd_kernel(
     tl.store(out_ptr + i_n.to(tl.int64) * A + ch_v, b_y.to(dtype))
 
 
+# value channels a program's state tile covers, and its warps
+TILE_V, NUM_WARPS = 16, 2
+
+
 def _rows(name: str, t: Tensor, shape: tuple[int, int], like: Tensor, stride: int | None = None) -> None:
     if tuple(t.shape) != shape or t.stride(-1) != 1 or (stride is not None and t.stride(0) != stride):
         raise ValueError(f"{name}: expected {list(shape)} with contiguous rows"
@@ -123,7 +127,7 @@ def finch_wkv_decode(r: Tensor, k: Tensor, v: Tensor, decay_hidden: Tensor, time
         _rows("value2_hidden", value2_hidden, (N, R_v), r)
         _rows("value2_w2", value2_w2, (R_v, A), r, A)
     out = torch.empty((N, A), dtype=r.dtype, device=r.device)
-    BV = min(V, 16)  # narrow tiles: a small batch spreads over (N x H x V / 16) programs
+    BV = min(V, TILE_V)  # narrow tiles: a small batch spreads over (N x H x V / TILE_V) programs
     use_pdl = pdl.enabled(r.device, N)
     finch_wkv_decode_fwd_kernel[(N, H, V // BV)](
         r, k, v, v2 if v2 is not None else r, r.stride(0), decay_hidden, decay_hidden.stride(0),
@@ -132,5 +136,6 @@ def finch_wkv_decode(r: Tensor, k: Tensor, v: Tensor, decay_hidden: Tensor, time
         value2_w2 if value2_w2 is not None else decay_w2, u, out, state_pool, slots,
         state_pool.stride(0), state_pool.stride(1), A, R_w, R_v,
         K=K, V=V, BV=BV, BR_W=triton.next_power_of_2(R_w), BR_V=triton.next_power_of_2(R_v),
-        ONE_MINUS_W=use_one_minus_w, HAS_V2=v2 is not None, PDL=use_pdl, num_warps=2, **pdl.launch_options(use_pdl))
+        ONE_MINUS_W=use_one_minus_w, HAS_V2=v2 is not None, PDL=use_pdl, num_warps=NUM_WARPS,
+        **pdl.launch_options(use_pdl))
     return out
