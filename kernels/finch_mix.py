@@ -138,16 +138,23 @@ def finch_mix(x: Tensor, prev: Tensor, h: Tensor, w2: Tensor, maa: Tensor, shift
     x, prev, h = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, prev, h))
     w2, maa = w2.contiguous(), maa.contiguous()
     decode = N <= DECODE_ROWS
-    one_row_fits = N <= ONE_ROW_ROWS and R >= 16 and R & (R - 1) == 0
-    BM, BC, warps = tiles or (ONE_ROW_TILES if one_row_fits else DECODE_TILES if decode else TILES)
-    BC = min(BC, triton.next_power_of_2(C))
     BR, BNR = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(n_mix * R))
+    # a program a row (`ONE_ROW`): a few rows, the mixes' rows of w2 in equal power-of-two groups,
+    # all of them held at once (BNR x BC elements at most PRELOAD_ELEMENTS)
+    one_row_ok = R == BR and preload is not False
+    if tiles is None:
+        one_row_ok &= N <= ONE_ROW_ROWS and BNR * min(ONE_ROW_TILES[1], triton.next_power_of_2(C)) <= PRELOAD_ELEMENTS
+        tiles = ONE_ROW_TILES if one_row_ok else DECODE_TILES if decode else TILES
+    BM, BC, warps = tiles
+    BC = min(BC, triton.next_power_of_2(C))
     # decode tiles hold every mix's LoRA rows at once (BNR x BC: 256 x 32 at the 1.5B shape) where
     # they fit the registers; the prefill tiles' 128 channels would not
     if preload is None:
         preload = decode and BNR * BC <= PRELOAD_ELEMENTS
-    # a program a row (one-row tiles, the mixes' rows of w2 in equal power-of-two groups): ONE_ROW
-    one_row = preload and BM == 1 and R == BR
+    one_row = BM == 1 and one_row_ok and preload
+    if BM < 16 and not one_row:
+        raise ValueError(f"tiles: rows per program {BM} below 16 need a power-of-two rank >= 16 (got {R}) and "
+                         "every mix's weights held at once")
     use_pdl = pdl.enabled(x.device, N)
     finch_mix_fwd_kernel[(triton.cdiv(N, BM), triton.cdiv(C, BC))](
         x, prev, h, w2, maa, out, N, C, x.stride(0), prev.stride(0), h.stride(0),

@@ -81,6 +81,20 @@ def test_one_row_programs_match_the_reference(N, C, n_mix, R, dtype, shifted):
     assert _rel(out, _reference64(*args, shifted)) < TOL[dtype]
 
 
+def test_one_row_programs_only_where_they_apply():
+    """Too many LoRA rows to hold at once (five mixes of rank 64), or a rank that is not a power of
+    two: the 16-row tiles, same results; one-row tiles asked for where they cannot apply: an error."""
+    for n_mix, R in ((5, 64), (4, 24)):
+        args = _inputs(1, 48, n_mix, R, torch.float32, DEVICE, False, seed=R)
+        assert _rel(finch_mix(*args, False), _reference64(*args, False)) < TOL[torch.float32]
+    args = _inputs(1, 48, 4, 24, torch.float32, DEVICE, False)
+    with pytest.raises(ValueError, match="tiles: rows per program 1"):
+        finch_mix(*args, False, tiles=(1, 32, 2))
+    args = _inputs(1, 48, 5, 32, torch.float32, DEVICE, False)
+    with pytest.raises(ValueError, match="tiles: rows per program 1"):
+        finch_mix(*args, False, tiles=(1, 32, 2), preload=False)
+
+
 def test_shifted_reads_the_previous_row_and_the_given_first():
     """Row 0 mixes with the given row, row t with x[t - 1]: checked on inputs where only dx matters."""
     N, C, R = 5, 32, 16
