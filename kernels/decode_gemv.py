@@ -184,18 +184,9 @@ def _check_rows(name: str, t: Tensor, shape: tuple[int, int], dtype, device) -> 
         raise ValueError(f"{name}: expected {dtype} on {device}, got {t.dtype} on {t.device}")
 
 
-def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan: ColumnPlan | None = None,
-                activation: str = "none", act_cols: int = 0, residual: Tensor | None = None,
-                gate: Tensor | None = None, split_counters: Tensor | None = None) -> Tensor:
-    """Writes and returns out [G*B, N] (rows may be strided, channels contiguous).
-
-    x: [G*B, K] input rows (strided rows allowed); weight: [N, K] contiguous; plan: the column
-    segments (`plan_columns`), None for one group reading every column; activation: one of
-    ACTIVATIONS (`act_cols` for relu_square; residual and gate [G*B, N] for the residual ones);
-    split_counters: int32 zeros, one per column block at least (`SplitCounters`), which every call
-    leaves zero: lets a tuning with split_k > 1 split K (launches of at most SPLIT_K_ROWS rows)."""
-    B, (N, K) = batch, weight.shape
-    G = plan.segments.n_groups if plan is not None else 1
+def _check_inputs(x, weight, out, B: int, G: int, plan, activation: str, residual, gate) -> int:
+    """Raises ValueError naming the bad argument; returns the input groups a column block reads."""
+    N, K = weight.shape
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: {activation!r} not in {ACTIVATIONS}")
     if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype not in _FLOATS:
@@ -214,12 +205,36 @@ def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan: Column
             raise ValueError(f"{name}: {'required' if needed else 'not used'} with activation {activation!r}")
         if t is not None:
             _check_rows(name, t, (G * B, N), dt, dev)
-    tuning = plan.tuning if plan is not None else default_tuning(N, K)
-    split = tuning.split_k > 1 and split_counters is not None and G * B <= SPLIT_K_ROWS
-    if tuning.split_k > 1 and not split:
-        tuning = default_tuning(N, K, split=False)
+    return per_block
+
+
+def _split_k(tuning: GemvTuning, N: int, K: int, rows: int, split_counters: Tensor | None) -> tuple[GemvTuning, int]:
+    """The tuning to launch and its runs of K: the tuning's split where there are counters and at
+    most SPLIT_K_ROWS rows; otherwise one run (a plan's tuning keeps its blocks, the default its
+    unsplit tiles)."""
+    if tuning.split_k == 1 or (split_counters is not None and rows <= SPLIT_K_ROWS):
+        return tuning, tuning.split_k
+    if tuning == default_tuning(N, K):
+        return default_tuning(N, K, split=False), 1
+    return dataclasses.replace(tuning, split_k=1), 1
+
+
+def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan: ColumnPlan | None = None,
+                activation: str = "none", act_cols: int = 0, residual: Tensor | None = None,
+                gate: Tensor | None = None, split_counters: Tensor | None = None) -> Tensor:
+    """Writes and returns out [G*B, N] (rows may be strided, channels contiguous).
+
+    x: [G*B, K] input rows (strided rows allowed); weight: [N, K] contiguous; plan: the column
+    segments (`plan_columns`), None for one group reading every column; activation: one of
+    ACTIVATIONS (`act_cols` for relu_square; residual and gate [G*B, N] for the residual ones);
+    split_counters: int32 zeros, one per column block at least (`new_split_counters`), which every call
+    leaves zero: lets a tuning with split_k > 1 split K (launches of at most SPLIT_K_ROWS rows)."""
+    B, (N, K) = batch, weight.shape
+    G = plan.segments.n_groups if plan is not None else 1
+    per_block = _check_inputs(x, weight, out, B, G, plan, activation, residual, gate)
+    dt, dev = weight.dtype, weight.device
+    tuning, S = _split_k(plan.tuning if plan is not None else default_tuning(N, K), N, K, G * B, split_counters)
     n_blocks = triton.cdiv(N, tuning.block_n)
-    S = tuning.split_k if split else 1
     bk, line = tuning.block_k, 128 // weight.element_size()  # a 128-byte line of L2
     k_split = triton.cdiv(triton.cdiv(K, S), bk) * bk
     workspace = out

@@ -143,6 +143,12 @@ def test_split_k_where_the_tuning_and_the_rows_allow():
                              split_counters=c)
         assert _rel(out, ref) < TOL[torch.float32]
     assert counters.count_nonzero().item() == 0
+    # a plan's split tuning over too many rows (two groups of 3): one run of K on the plan's blocks
+    plan = plan_columns(ColumnSegments(ends=(32, 64), groups=((0,), (1,))), 64, DEVICE, GemvTuning(32, 32, split_k=2))
+    out, ref = _run_both(torch.float32, DEVICE, 3, 64, _weight(64, 64, torch.float32), 2, plan, seed=9,
+                         split_counters=counters)
+    tol = TOL[torch.float32]
+    assert _rel(out[:3, :32], ref[:3, :32]) < tol and _rel(out[3:, 32:], ref[3:, 32:]) < tol
     x, out = torch.randn(1, K, device=DEVICE), torch.empty(1, N, device=DEVICE)
     with pytest.raises(ValueError, match="split_counters: expected int32"):
         decode_gemv(x, w, out, 1, split_counters=counters.long())
