@@ -103,3 +103,32 @@ def test_startup_benchmark_times_an_engine_and_its_first_requests():
     assert [r["prompt"] for r in run["requests"]] == [40, 90]
     for r in run["requests"]:
         assert r["tokens"] == 3 and 0 < r["ttft_s"] <= r["total_s"]
+
+
+def test_ablation_arms_leave_out_what_they_name(monkeypatch):
+    """`ablate_decode_step`: arms parse to kernel classes (unknown names are errors); leaving a class
+    out swaps its function in the decode step's modules for a stand-in with the real output's shape."""
+    import torch
+
+    import engine.decode_fused as fused
+    import engine.decode_step as step
+    from ablate_decode_step import CLASSES, DEFAULT_ARMS, leave_out, parse_arm
+    from kernels.finch_mix_reference import finch_mix_reference
+
+    assert parse_arm("all") == () and parse_arm("mix+attn") == ("mix", "attn")
+    assert all(parse_arm(a) or a == "all" for a in DEFAULT_ARMS.split(","))
+    with pytest.raises(ValueError, match="unknown kernel classes \\['gelu'\\]"):
+        parse_arm("mix+gelu")
+    real = {name: getattr(fused, name) for name in ("finch_mix", "finch_wkv_decode", "decode_norm_mix", "decode_gemv")}
+    real_attention = step.paged_attention
+    leave_out(parse_arm("all"), monkeypatch.setattr)
+    assert all(getattr(fused, n) is f for n, f in real.items()) and step.paged_attention is real_attention
+    leave_out(CLASSES, monkeypatch.setattr)
+    assert all(getattr(fused, n) is not f for n, f in real.items()) and step.paged_attention is not real_attention
+    xa, prev, h = torch.randn(2, 48), torch.randn(2, 48), torch.randn(2, 5 * 8)
+    w2, maa = torch.randn(5, 8, 48), torch.randn(5, 48)
+    assert fused.finch_mix(xa, prev, h, w2, maa, False).shape == finch_mix_reference(xa, prev, h, w2, maa, False).shape
+    out = torch.zeros(2, 16)
+    assert fused.decode_gemv(xa, torch.randn(16, 48), out, 2) is out
+    assert fused.finch_wkv_decode(xa).shape == xa.shape
+    assert step.paged_attention(torch.randn(1, 4, 8)).shape == (1, 4, 8)
