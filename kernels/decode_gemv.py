@@ -208,13 +208,15 @@ def _check_inputs(x, weight, out, B: int, G: int, plan, activation: str, residua
     return per_block
 
 
-def _split_k(tuning: GemvTuning, N: int, K: int, rows: int, split_counters: Tensor | None) -> tuple[GemvTuning, int]:
+def _split_k(plan: ColumnPlan | None, N: int, K: int, rows: int,
+             split_counters: Tensor | None) -> tuple[GemvTuning, int]:
     """The tuning to launch and its runs of K: the tuning's split where there are counters and at
-    most SPLIT_K_ROWS rows; otherwise one run (a plan's tuning keeps its blocks, the default its
-    unsplit tiles)."""
+    most SPLIT_K_ROWS rows; otherwise one run (a plan's tuning keeps the blocks its table is for,
+    the default tuning falls back to its unsplit tiles)."""
+    tuning = plan.tuning if plan is not None else default_tuning(N, K)
     if tuning.split_k == 1 or (split_counters is not None and rows <= SPLIT_K_ROWS):
         return tuning, tuning.split_k
-    if tuning == default_tuning(N, K):
+    if plan is None:
         return default_tuning(N, K, split=False), 1
     return dataclasses.replace(tuning, split_k=1), 1
 
@@ -233,7 +235,7 @@ def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan: Column
     G = plan.segments.n_groups if plan is not None else 1
     per_block = _check_inputs(x, weight, out, B, G, plan, activation, residual, gate)
     dt, dev = weight.dtype, weight.device
-    tuning, S = _split_k(plan.tuning if plan is not None else default_tuning(N, K), N, K, G * B, split_counters)
+    tuning, S = _split_k(plan, N, K, G * B, split_counters)
     n_blocks = triton.cdiv(N, tuning.block_n)
     bk, line = tuning.block_k, 128 // weight.element_size()  # a 128-byte line of L2
     k_split = triton.cdiv(triton.cdiv(K, S), bk) * bk
