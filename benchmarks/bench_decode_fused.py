@@ -59,7 +59,8 @@ def main() -> None:
         os.environ.pop(pdl.ENV_VAR, None)
     device = torch.cuda.get_device_name()
     lines = [f"# Decode, fused vs unfused blocks ({device}, commit {commit_id()}, {time.strftime('%Y-%m-%d')})", "",
-             f"PDL for launches of at most {pdl.MAX_ROWS} rows; graph ms (tok/s) per round", "",
+             f"PDL for launches of at most {pdl.MAX_ROWS} rows; graph ms of one step (tok/s through the engine, "
+             "host included) per round", "",
              "| batch x context | unfused | fused, no PDL | fused | fused vs unfused | fused vs no PDL |",
              "| --- | --- | --- | --- | --- | --- |"]
     for (b, c), arms in sorted(rows.items()):
