@@ -36,7 +36,7 @@ def parse_arm(arm: str) -> tuple[str, ...]:
         return ()
     names = tuple(arm.split("+"))
     unknown = [n for n in names if n not in CLASSES]
-    if unknown or not names:
+    if unknown:
         raise ValueError(f"arm {arm!r}: unknown kernel classes {unknown}; choose from {CLASSES} or 'all'")
     return names
 
@@ -92,11 +92,15 @@ def main() -> None:
         parse_arm(arm)  # every arm checked before the first is run
     rows = []
     for arm in arms:
-        proc = subprocess.run([sys.executable, __file__, "--arm", arm, "--case", args.case, "--rounds",
-                               str(args.rounds)], capture_output=True, text=True, timeout=600)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ARM_MS")]
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--arm", arm, "--case", args.case, "--rounds",
+                                   str(args.rounds)], capture_output=True, text=True, timeout=600)
+            stdout, error = proc.stdout, proc.stderr[-500:]
+        except subprocess.TimeoutExpired:  # one stuck arm does not lose the others' rows
+            stdout, error = "", "timed out after 600 s"
+        line = [ln for ln in stdout.splitlines() if ln.startswith("ARM_MS")]
         ms = [float(v) for v in line[-1].split()[1:]] if line else []
-        rows.append({"arm": arm, "graph_ms": ms, **({} if ms else {"error": proc.stderr[-500:]})})
+        rows.append({"arm": arm, "graph_ms": ms, **({} if ms else {"error": error})})
         print(rows[-1], flush=True)
     base = [min(r["graph_ms"]) for r in rows if r["arm"] == "all" and r["graph_ms"]]
     device = torch.cuda.get_device_name()
