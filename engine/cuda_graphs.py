@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .decode_step import DecodeInputs, DecodeStep
+from .decode_step import DecodeInputs, DecodeOutput, DecodeStep
 
 log = logging.getLogger("goldfinch.engine")
 
@@ -73,8 +73,8 @@ def to_inputs(cols: Tensor, tables: Tensor) -> DecodeInputs:
                         seq_lens=cols[-1].to(torch.int32))
 
 
-def capture_one(fn, pool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-    """A CUDA graph of one call of `fn` (no arguments, returns a tensor) and that output, in `pool`:
+def capture_one(fn, pool) -> tuple[torch.cuda.CUDAGraph, object]:
+    """A CUDA graph of one call of `fn` (no arguments, returns its output tensors) and that output, in `pool`:
     `fn` first runs twice on a side stream, which compiles its kernels and sizes the allocator."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -89,14 +89,14 @@ def capture_one(fn, pool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
 
 
 def run_eager(step: DecodeStep, rows: DecodeRows, scratch: Scratch, device: torch.device,
-              token_ids: Tensor | None = None) -> Tensor:
+              token_ids: Tensor | None = None) -> DecodeOutput:
     """The decode step without a graph (CPU, or graphs turned off): exact batch, tables as wide as
     the longest. `token_ids` [n] on the device replace the rows' token ids (engine.overlap)."""
     cols, tables = host_inputs(rows, rows.size, max(len(p) for p in rows.page_tables), scratch)
     cols = cols.to(device)
     if token_ids is not None:
         cols[0].copy_(token_ids)
-    return step(to_inputs(cols, tables.to(device)))
+    return step.with_greedy(to_inputs(cols, tables.to(device)))
 
 
 class DecodeGraphs:
@@ -108,7 +108,7 @@ class DecodeGraphs:
         self._cols = torch.zeros(len(_COLUMNS) + 1, self.sizes[-1], dtype=torch.long, device=device)
         self._tables = torch.zeros(self.sizes[-1], max_pages, dtype=torch.int32, device=device)
         self._seq_lens = torch.zeros(self.sizes[-1], dtype=torch.int32, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecodeOutput]] = {}
 
     @property
     def max_batch(self) -> int:
@@ -126,7 +126,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.sizes):
             inp = self._static(b)
-            self._graphs[b] = capture_one(lambda: self.step(inp), pool)
+            self._graphs[b] = capture_one(lambda: self.step.with_greedy(inp), pool)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", list(self.sizes), seconds)
@@ -146,8 +146,9 @@ class DecodeGraphs:
         if width:
             self._tables[:b, :width].copy_(tables[:, :width], non_blocking=True)
 
-    def run(self, rows: DecodeRows, token_ids: Tensor | None = None) -> Tensor:
-        """Logits [n, V] of the n sequences (a view into the graph's output, valid until the next run).
+    def run(self, rows: DecodeRows, token_ids: Tensor | None = None) -> DecodeOutput:
+        """The n sequences' logits [n, V] and greedy choices (views into the graph's output, valid
+        until the next run).
         `token_ids` [n] on the device replace the rows' token ids (engine.overlap)."""
         if rows.size > self.max_batch:
             raise ValueError(f"batch of {rows.size} exceeds the largest graph ({self.max_batch})")
@@ -159,4 +160,4 @@ class DecodeGraphs:
             self._cols[0, : rows.size].copy_(token_ids)  # queued after the sampler that made them
         graph, out = self._graphs[b]
         graph.replay()
-        return out[: rows.size]
+        return out.rows(rows.size)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.dispatch import paged_attention, use_triton, wkv_decode
+from kernels.dispatch import greedy_counters, greedy_sample, paged_attention, use_triton, wkv_decode
 
 from . import layers as L
 from .config import TMIX_FINCH
@@ -45,6 +45,20 @@ class DecodeInputs:
     kv_slots: Tensor  # [B] long: flat row of the new token in the working-set pool
     kv_page_tables: Tensor  # [B, P] int32
     seq_lens: Tensor  # [B] int32: keys each query attends to (positions + 1)
+
+
+@dataclass(frozen=True)
+class DecodeOutput:
+    """A decode step's logits [B, V] (model dtype) and each row's greedy choice made in the step:
+    the argmax over the sampleable ids [B] int64 and its raw log-prob [B] float32 (what
+    `engine.sampler.Sampler` gives a greedy row without bias, penalties or masks)."""
+
+    logits: Tensor
+    greedy_ids: Tensor
+    greedy_logprobs: Tensor
+
+    def rows(self, n: int) -> "DecodeOutput":
+        return DecodeOutput(self.logits[:n], self.greedy_ids[:n], self.greedy_logprobs[:n])
 
 
 class TokenShiftRows:
@@ -70,12 +84,19 @@ class DecodeStep:
     """Binds a model to the pools it decodes over; `__call__` is the capturable step."""
 
     def __init__(self, model, rnn: RNNStatePool, key_cache: PagedKeyCache, kv_pool: PagedKVPool,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None, sampleable_vocab: int | None = None, max_rows: int = 512) -> None:
         """`fused`: small batches run the blocks of `engine.decode_fused` (Finch-C2 models); by
         default where the Triton kernels run (on the CPU the fused blocks would run the kernels'
-        references, ~10% slower than the unfused blocks for the demo model: tests only)."""
+        references, ~10% slower than the unfused blocks for the demo model: tests only).
+        `sampleable_vocab`: ids below it may be chosen by `with_greedy` (None: all); `max_rows`: the
+        largest batch it runs (its greedy choice's counters)."""
         self.model, self.rnn, self.key_cache, self.kv_pool = model, rnn, key_cache, kv_pool
         cfg = model.config
+        self.sampleable_vocab = cfg.vocab_size if sampleable_vocab is None else sampleable_vocab
+        if not 1 <= self.sampleable_vocab <= cfg.vocab_size:
+            raise ValueError(f"sampleable_vocab: {sampleable_vocab} not in [1, {cfg.vocab_size}]")
+        # made here, not in a captured graph: graphs share a memory pool, the counters must persist
+        self.greedy_counters = greedy_counters(model.device, max_rows)
         use_fused = use_triton(model.emb) if fused is None else fused
         self.fused = FusedBlocks(model) if use_fused and fused_supported(cfg) else None
         self.gold_kv_weights = GoldKVWeights.stack([model.blocks[i] for i in range(cfg.gold_start, cfg.n_layer)])
@@ -103,6 +124,13 @@ class DecodeStep:
             return fused.logits(x)
         x = F.layer_norm(x, (x.shape[-1],), *m.ln_out)
         return F.linear(x, m.head)
+
+    def with_greedy(self, inp: DecodeInputs) -> DecodeOutput:
+        """The step, and each row's greedy token and its raw log-prob computed on the device (in the
+        CUDA graph): a greedy batch then needs no sampler launches after the step."""
+        logits = self(inp)
+        ids, logprobs = greedy_sample(logits, self.sampleable_vocab, self.greedy_counters)
+        return DecodeOutput(logits, ids, logprobs)
 
     def _finch_block(self, layer: int, x: Tensor, inp: DecodeInputs, shifts: TokenShiftRows,
                      fused: FusedBlocks | None) -> Tensor:

@@ -40,22 +40,23 @@ class LLMEngine(SessionFiles):
         self.sessions = SessionStore(self.cache, self.config.session_host_bytes, self.config.max_sessions)
         self.scheduler = Scheduler(self.config.scheduler_config(model.config.gold_tail_len), self.cache,
                                    make_room=self.sessions.make_room)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer else None
+        # a model's embedding is often padded past its tokenizer: never sample an id without text
+        sampleable = min(model.config.vocab_size, tokenizer.vocab_size) if tokenizer else None
         self.runner = ModelRunner(model, self.cache, working_set_budget(self.config, model.device),
                                   decode_fast_path=self.config.decode_fast_path, cuda_graphs=self.config.cuda_graphs,
                                   max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len,
                                   page_size=self.config.kv_working_set_page_size,
                                   skip_gold_on_chunks=self.scheduler.config.min_final_chunk > 0,
                                   prefill_graphs=self.config.prefill_graphs,
-                                  max_chunk_tokens=self.scheduler.config.max_step_tokens)
+                                  max_chunk_tokens=self.scheduler.config.max_step_tokens,
+                                  sampleable_vocab=sampleable)
         self.runner.capture_graphs()
         self.requests: dict[str, Request] = {}
         self.absorbing: dict[Sequence, object] = {}  # finished session sequences -> their Session
         self.stats = EngineStats()
-        self.eos_token_id = tokenizer.eos_token_id if tokenizer else None
-        # a model's embedding is often padded past its tokenizer: never sample an id without text
-        self.sampling = StepSampling(model.config.vocab_size,
-                                     min(model.config.vocab_size, tokenizer.vocab_size) if tokenizer else None,
-                                     self.eos_token_id, compile_noise=model.ops.compiled)
+        self.sampling = StepSampling(model.config.vocab_size, sampleable, self.eos_token_id,
+                                     compile_noise=model.ops.compiled)
         self.model_fingerprint = fingerprint(model)
         self._in_flight: LaunchedStep | None = None  # a decode step launched before its inputs' tokens were read
 

@@ -7,6 +7,8 @@ chunks, sequences deriving their keys from the compressed cache) runs the genera
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -14,12 +16,23 @@ from kernels.dispatch import use_triton
 
 from .cache_manager import CacheManager
 from .cuda_graphs import DecodeGraphs, DecodeRows, Scratch, run_eager
-from .decode_step import DecodeStep
+from .decode_step import DecodeOutput, DecodeStep
 from .host_copy import to_device
 from .kv_working_set import WorkingSet, WorkingSetManager
 from .model import GoldFinchModel, StepBatch
 from .prefill_graphs import PrefillGraphs, bucket_sizes
 from .scheduler import SchedulerOutput
+
+@dataclass(frozen=True)
+class StepOutput:
+    """A step's logits of each scheduled sequence's last new token [B, V] (in the model's dtype: the
+    sampler reads them as float32), and where the static decode step ran, each row's greedy choice
+    made on the device: token [B] int64 and raw log-prob [B] float32 (`DecodeStep.with_greedy`)."""
+
+    logits: Tensor
+    greedy_ids: Tensor | None = None
+    greedy_logprobs: Tensor | None = None
+
 
 # Prompt chunks of one step replayed from prefill graphs one after another, at most (more run the
 # eager packed step): a replay costs at least the Finch weights' read (~0.65 ms at the 1.5B shape on
@@ -31,11 +44,13 @@ class ModelRunner:
     def __init__(self, model: GoldFinchModel, cache: CacheManager, working_set_bytes: int = 0,
                  decode_fast_path: bool = True, cuda_graphs: bool = True, max_num_seqs: int = 64,
                  max_model_len: int = 4096, page_size: int = 64, skip_gold_on_chunks: bool = False,
-                 prefill_graphs: bool = False, max_chunk_tokens: int = 2048) -> None:
+                 prefill_graphs: bool = False, max_chunk_tokens: int = 2048,
+                 sampleable_vocab: int | None = None) -> None:
         """`skip_gold_on_chunks`: the scheduler ends every chunked prompt with a chunk of at least
         the model's `gold_tail_len` tokens, so a chunk before it skips the GOLD layers.
         `prefill_graphs`: a step of one sequence's chunk of up to `max_chunk_tokens` (at most
-        `prefill_graphs.MAX_BUCKET_TOKENS`) replays its Finch layers from a CUDA graph (GPU only)."""
+        `prefill_graphs.MAX_BUCKET_TOKENS`) replays its Finch layers from a CUDA graph (GPU only).
+        `sampleable_vocab`: the ids the decode step's greedy choice may take (None: all)."""
         self.model = model
         self.skip_gold_on_chunks = skip_gold_on_chunks
         self.cache = cache
@@ -51,7 +66,8 @@ class ModelRunner:
         self.num_split_steps = 0  # steps run as static decodes beside one prompt chunk
         if self.working_sets is not None and self.working_sets.num_pages > 0 and decode_fast_path:
             pool = self.working_sets.pool
-            self.decode_step = DecodeStep(model, cache.rnn, cache.keys, pool)
+            self.decode_step = DecodeStep(model, cache.rnn, cache.keys, pool, sampleable_vocab=sampleable_vocab,
+                                          max_rows=max(max_num_seqs, 1))
             self.scratch = Scratch(state_slot=cache.scratch_state_slot, key_slot=cache.scratch_key_slot,
                                    kv_slot=pool.scratch_page * pool.page_size)
             # graphs need the Triton kernels (the references read lengths back to the host)
@@ -87,35 +103,37 @@ class ModelRunner:
             needs_logits=needs_logits,
         )
 
-    def execute(self, sched: SchedulerOutput) -> Tensor:
-        """Runs the step; returns the logits of each scheduled sequence's last new token [B, V]
-        (float32). Advances `num_computed_tokens` only after the step succeeded."""
+    def execute(self, sched: SchedulerOutput) -> StepOutput:
+        """Runs the step; returns the logits of each scheduled sequence's last new token (and the
+        greedy choices where the static decode step ran). Advances `num_computed_tokens` only after
+        the step succeeded."""
         return self._run(sched, None)
 
-    def execute_ahead(self, sched: SchedulerOutput, token_ids: Tensor) -> Tensor | None:
+    def execute_ahead(self, sched: SchedulerOutput, token_ids: Tensor) -> StepOutput | None:
         """A decode step whose input tokens are still on the device (`token_ids` [B], sampled by the
         step before, not read back: engine.overlap). Only the static decode step takes its tokens
         from the device; returns None, having changed nothing a later step relies on, when it does
         not apply (a sequence whose working set is incomplete or could not grow)."""
         return self._run(sched, token_ids)
 
-    def _run(self, sched: SchedulerOutput, token_ids: Tensor | None) -> Tensor | None:
+    def _run(self, sched: SchedulerOutput, token_ids: Tensor | None) -> StepOutput | None:
         seqs = [s.seq for s in sched.scheduled]
         ctx = [s.context_len for s in sched.scheduled]
         q = [s.num_new_tokens for s in sched.scheduled]
         sets = (self.working_sets.for_step(seqs, [c + n for c, n in zip(ctx, q)])
                 if self.working_sets is not None else None)
         if self._fast_decode_applies(ctx, q, sets):
-            logits = self._fast_decode(sched, sets, token_ids)
+            fast = self._fast_decode(sched, sets, token_ids)
+            out = StepOutput(fast.logits, fast.greedy_ids, fast.greedy_logprobs)
         elif token_ids is not None:
             return None
         elif (chunks := self._chunks_beside_fast_decodes(ctx, q, sets)) is not None:
-            logits = self._decodes_and_chunks(sched, sets, chunks)
+            out = StepOutput(self._decodes_and_chunks(sched, sets, chunks))
         else:
-            logits = self._general(sched, sets)
+            out = StepOutput(self._general(sched, sets))
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-        return logits.float()
+        return out
 
     def _general(self, sched: SchedulerOutput, sets: list[WorkingSet | None] | None) -> Tensor:
         """`GoldFinchModel.step` over the whole batch; a one-sequence chunk's Finch layers replayed
@@ -170,12 +188,13 @@ class ModelRunner:
         """The decodes through the static decode step, then the chunks through the prefill graphs and
         the general step's GOLD layers: two passes over the weights, ~1,500 fewer launches."""
         rest = [i for i in range(len(sched.scheduled)) if i not in chunks]
-        decode_logits = self._fast_decode(SchedulerOutput([sched.scheduled[i] for i in rest]), [sets[i] for i in rest])
-        logits = torch.empty((len(sched.scheduled), decode_logits.shape[-1]), dtype=decode_logits.dtype,
-                             device=self.device)
-        logits.index_copy_(0, to_device(rest, torch.long, self.device), decode_logits)
+        decode_logits = self._fast_decode(SchedulerOutput([sched.scheduled[i] for i in rest]),
+                                          [sets[i] for i in rest]).logits
+        # float32, copied out before the chunks run (the decode graph's output is reused)
+        logits = torch.empty((len(sched.scheduled), decode_logits.shape[-1]), dtype=torch.float32, device=self.device)
+        logits.index_copy_(0, to_device(rest, torch.long, self.device), decode_logits.float())
         chunk_logits = self._general(SchedulerOutput([sched.scheduled[i] for i in chunks]), [sets[i] for i in chunks])
-        logits.index_copy_(0, to_device(chunks, torch.long, self.device), chunk_logits)
+        logits.index_copy_(0, to_device(chunks, torch.long, self.device), chunk_logits.float())
         self.num_split_steps += 1
         return logits
 
@@ -186,7 +205,8 @@ class ModelRunner:
             return False
         return all(n == 1 and c > 0 and ws is not None and ws.length == c for c, n, ws in zip(ctx, q, sets))
 
-    def _fast_decode(self, sched: SchedulerOutput, sets: list[WorkingSet], token_ids: Tensor | None = None) -> Tensor:
+    def _fast_decode(self, sched: SchedulerOutput, sets: list[WorkingSet],
+                     token_ids: Tensor | None = None) -> DecodeOutput:
         bs, ps = self.cache.block_size, self.working_sets.page_size
         rows = DecodeRows([], [], [], [], [], [], [])
         for s, ws in zip(sched.scheduled, sets):
@@ -200,10 +220,10 @@ class ModelRunner:
             rows.kv_slots.append(ws.pages[pos // ps] * ps + pos % ps)
             rows.page_tables.append(ws.pages)
         if self.graphs is not None:
-            logits = self.graphs.run(rows, token_ids)
+            out = self.graphs.run(rows, token_ids)
         else:
-            logits = run_eager(self.decode_step, rows, self.scratch, self.device, token_ids)
+            out = run_eager(self.decode_step, rows, self.scratch, self.device, token_ids)
         for s, ws in zip(sched.scheduled, sets):
             ws.length = s.context_len + 1
         self.num_fast_steps += 1
-        return logits
+        return out

@@ -7,6 +7,7 @@ from typing import Iterator
 import torch
 
 from .host_copy import to_device
+from .model_runner import StepOutput
 from .outputs import TokenLogprob
 from .overlap import LaunchedStep
 from .sampler import Sampler, SamplerOutput, make_sampling_batch
@@ -23,11 +24,16 @@ class StepSampling:
         self.eos_token_id = eos_token_id
         self.sampler = Sampler(compile_noise=compile_noise)  # fused noise hash on CUDA
 
-    def launch(self, logits: torch.Tensor, ready: list[tuple[int, Sequence]], pending: int = 0) -> SamplerOutput:
-        """Queues the sampler on the device for the ready rows of `logits`; nothing is read back.
-        `pending`: tokens each row has sampled that are not yet in its output (a step launched ahead)."""
-        rows = to_device([row for row, _ in ready], torch.long, logits.device)
+    def launch(self, step: StepOutput, ready: list[tuple[int, Sequence]], pending: int = 0) -> SamplerOutput:
+        """Queues the sampler on the device for the ready rows of the step's logits; nothing is read
+        back. `pending`: tokens each row has sampled that are not yet in its output (a step launched
+        ahead). A step whose rows are all plain greedy takes the choices the step made on the device."""
         seqs = [seq for _, seq in ready]
+        if self.greedy_applies(step, ready, pending):
+            n = len(ready)
+            return SamplerOutput(token_ids=step.greedy_ids[:n], logprobs=step.greedy_logprobs[:n])
+        logits = step.logits
+        rows = to_device([row for row, _ in ready], torch.long, logits.device)
         batch = make_sampling_batch(
             [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs],
             [len(s.output_token_ids) + pending for s in seqs], self.vocab_size, logits.device,
@@ -36,6 +42,24 @@ class StepSampling:
         if self.sampleable_vocab is not None and self.sampleable_vocab < logits.shape[1]:
             logits[:, self.sampleable_vocab:] = float("-inf")
         return self.sampler(logits, batch)
+
+    @staticmethod
+    def greedy_applies(step: StepOutput, ready: list[tuple[int, Sequence]], pending: int) -> bool:
+        """Whether the step's own greedy choices are what the sampler would give: every row of the
+        step is ready in order, greedy, without logit_bias, penalties, a min_tokens mask or top
+        log-probabilities (the choices exclude the ids the sampler masks as unsampleable)."""
+        if step.greedy_ids is None or len(ready) > step.greedy_ids.shape[0]:
+            return False
+        if any(row != i for i, (row, _) in enumerate(ready)):
+            return False
+        for _, seq in ready:
+            p = seq.params
+            if not p.greedy or p.logit_bias or p.logprobs or p.presence_penalty != 0.0 \
+                    or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
+                return False
+            if len(seq.output_token_ids) + pending < p.min_tokens:
+                return False  # the sampler masks stop ids then
+        return True
 
     @staticmethod
     def read(launched: LaunchedStep) -> Iterator[tuple[Sequence, int, TokenLogprob | None]]:

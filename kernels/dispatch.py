@@ -18,6 +18,7 @@ from .decode_gemv_reference import ColumnSegments, decode_gemv_reference, decode
 from .finch_mix_reference import finch_mix_reference
 from .finch_wkv_decode_reference import finch_wkv_decode_reference
 from .gold_kv_derive_reference import GoldKVDeriveWeights, gold_kv_derive_reference
+from .greedy_sample_reference import greedy_sample_reference
 from .paged_attention_reference import paged_decode_attention_reference
 from .tail_attention_reference import tail_attention_reference
 from .wkv6_plan import ChunkPlan
@@ -212,3 +213,21 @@ def finch_wkv_decode(r: Tensor, k: Tensor, v: Tensor, decay_hidden: Tensor, time
 
         return fused(*args)
     return finch_wkv_decode_reference(*args)
+
+
+def greedy_sample(logits: Tensor, n_valid: int, counters: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each row's argmax over ids below n_valid and its raw log-prob: (token_ids [B] int64,
+    logprobs [B] float32); see `kernels.greedy_sample_reference`. counters (`greedy_counters`, at
+    least B) are what the Triton kernel's programs of a row meet at; the reference ignores them."""
+    if use_triton(logits):
+        from .greedy_sample import greedy_sample as fused
+
+        if counters is None:
+            raise ValueError("counters: required on CUDA (greedy_counters)")
+        return fused(logits, n_valid, counters)
+    return greedy_sample_reference(logits, n_valid)
+
+
+def greedy_counters(device, rows: int) -> Tensor:
+    """Arrival counters for `greedy_sample` over up to `rows` rows (every call leaves them zero)."""
+    return torch.zeros(rows, dtype=torch.int32, device=device)

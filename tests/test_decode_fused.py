@@ -34,8 +34,8 @@ def test_fused_blocks_equal_unfused_blocks(case, monkeypatch):
     cfg = fused.model.config
     for _ in range(3):
         calls.clear()
-        logits_fused = fused.runner.execute(fused.scheduler.schedule())
-        logits_plain = plain.runner.execute(plain.scheduler.schedule())
+        logits_fused = fused.runner.execute(fused.scheduler.schedule()).logits.float()
+        logits_plain = plain.runner.execute(plain.scheduler.schedule()).logits.float()
         # per Finch block: stacked front, output, channel mix, value; per GOLD block: query, output,
         # channel mix, value (the LoRAs' first stages are in the norms or the stacked front); the head
         assert len(calls) == 4 * cfg.n_layer + 1

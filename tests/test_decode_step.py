@@ -39,13 +39,13 @@ def test_padded_static_step_equals_general_step(case, monkeypatch):
 
     def padded(step, rows, scratch, device, token_ids=None):
         cols, tables = host_inputs(rows, 8, 6, scratch)
-        return step(to_inputs(cols.to(device), tables.to(device)))[: rows.size]
+        return step.with_greedy(to_inputs(cols.to(device), tables.to(device))).rows(rows.size)
 
     monkeypatch.setattr(model_runner, "run_eager", padded)
     for _ in range(3):
         steps_before = fast.runner.num_fast_steps
-        logits_fast = fast.runner.execute(fast.scheduler.schedule())
-        logits_general = general.runner.execute(general.scheduler.schedule())
+        logits_fast = fast.runner.execute(fast.scheduler.schedule()).logits.float()
+        logits_general = general.runner.execute(general.scheduler.schedule()).logits.float()
         assert fast.runner.num_fast_steps == steps_before + 1 and general.runner.num_fast_steps == 0
         assert (logits_fast - logits_general).abs().max() < 1e-4
         for row, (seq_f, seq_g) in enumerate(zip(fast.scheduler.running, general.scheduler.running)):
@@ -110,8 +110,9 @@ def test_prompt_steps_derive_every_gold_layer_in_one_call(monkeypatch):
         return real_derive(*args)
 
     def recorded(self, sched):
-        logits.append(real_execute(self, sched))
-        return logits[-1]
+        out = real_execute(self, sched)
+        logits.append(out.logits)
+        return out
 
     monkeypatch.setattr(gold_keys, "gold_kv_derive", spy)
     monkeypatch.setattr(model_runner.ModelRunner, "execute", recorded)
