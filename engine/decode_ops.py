@@ -152,6 +152,21 @@ class GoldKVWeights:
                    ln_bias=vector(kinds("att.ln_k.bias", "att.ln_v.bias")))
 
 
+def decode_decompress_rows(flat_keys: Tensor, flat_ids: Tensor, prev_slots: Tensor, compressed: Tensor,
+                           token_ids: Tensor, emb: Tensor, ln0_weight: Tensor, ln0_bias: Tensor,
+                           w_decompress: Tensor) -> tuple[Tensor, Tensor]:
+    """`GoldFinchModel.decompress` of a decode step's rows: the previous tokens' (their compressed
+    keys and ids gathered from the flat pools at `prev_slots` [B]) then the new tokens' (`compressed`
+    [B, Cc], `token_ids` [B]); returns proto-keys and token values [2B, C]. One function, so that
+    compiled (the decode step's graph) the gathers, norms and concatenations fuse into a few
+    kernels instead of ~17 small launches."""
+    c = torch.cat([flat_keys.index_select(0, prev_slots), compressed.to(flat_keys.dtype)])
+    ids = torch.cat([flat_ids.index_select(0, prev_slots).long(), token_ids])
+    x = F.layer_norm(F.embedding(ids, emb), (emb.shape[-1],), ln0_weight, ln0_bias)
+    proto = L.rms_norm(F.linear(torch.cat([x, c.to(x.dtype)], -1), w_decompress))
+    return proto, L.rms_norm(x)
+
+
 def gold_keys_values_rows_all_layers(k: Tensor, k_prev: Tensor, xo: Tensor, xo_prev: Tensor,
                                      w: GoldKVWeights) -> tuple[Tensor, Tensor]:
     """`layers.gold_keys_values_rows` of every GOLD layer at once (the decode step derives its new

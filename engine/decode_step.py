@@ -156,11 +156,9 @@ class DecodeStep:
         computation and one write for all layers (their inputs are the same, only weights differ)."""
         m, cfg = self.model, self.model.config
         flat_keys, flat_ids = self.key_cache.compressed_keys.view(-1, cfg.compressed_dim), self.key_cache.token_ids.view(-1)
-        prev_c = flat_keys.index_select(0, inp.prev_key_slots)
-        prev_ids = flat_ids.index_select(0, inp.prev_key_slots)
         # both rows through one matmul, as the eager path derives a tail [ctx - 1, ctx] together
-        proto, token_values = m.decompress(torch.cat([prev_c, compressed.to(prev_c.dtype)]),
-                                           torch.cat([prev_ids.long(), inp.token_ids]))
+        proto, token_values = m.ops.decode_decompress_rows(flat_keys, flat_ids, inp.prev_key_slots, compressed,
+                                                           inp.token_ids, m.emb, *m.ln0, m.w_decompress)
         B = inp.token_ids.shape[0]
         keys, values = m.ops.gold_keys_values_rows_all_layers(proto[B:], proto[:B], token_values[B:], token_values[:B],
                                                               self.gold_kv_weights)  # [n_gold, B, C] each

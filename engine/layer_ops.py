@@ -38,7 +38,7 @@ FUNCTIONS = ("finch_tmix_projections", "finch_tmix_output", "channel_mix", "gold
              "gold_keys_values",
              "finch_tmix_in", "finch_tmix_out", "channel_mix_residual", "gold_query_in", "gold_attention_out",
              "gold_keys_values_rows_all_layers", "finch_tmix_in_stacked", "channel_mix_residual_stacked",
-             "finch_tmix_projections_shifted", "channel_mix_residual_shifted")
+             "finch_tmix_projections_shifted", "channel_mix_residual_shifted", "decode_decompress_rows")
 MODULES = (L, D)  # where the FUNCTIONS live (decode_ops: the decode step's stacked-weight versions)
 SHAPES_ENV_VAR = "GOLDFINCH_COMPILE_SHAPES"  # auto (default) | dynamic: see the module's docstring
 

@@ -46,6 +46,18 @@ def decode_gemv_fwd_kernel(
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     cols_n = pid * BN + tl.arange(0, BN)
     m_n = cols_n < N
+    i = tl.arange(0, BM)
+    which, src = i // B, i % B  # which of the program's input groups, and the batch row
+    if HAS_GROUPS:  # the block table is made once per weight: read before the wait
+        g_first = tl.load(groups_ptr + 2 * pid)
+        g_second = tl.load(groups_ptr + 2 * pid + 1)
+    else:
+        g_first, g_second = 0, -1
+    group = tl.where(which == 0, g_first, g_second)
+    m_row = (which < 2) & (group >= 0)
+    group = tl.where(m_row, group, 0)
+    row = group * B + src  # the input row and the output row
+    m_out = m_row[:, None] & m_n[None, :]
     if PDL:
         # the weight depends on no earlier kernel: ask L2 for this program's first PREFETCH_K
         # weight columns (one request per LINE elements) while the kernel before it finishes
@@ -55,17 +67,14 @@ def decode_gemv_fwd_kernel(
             pdl.prefetch_l2(base + tl.minimum(k0 + lines, K - 1)[None, :])
         gdc_wait()  # the inputs, residual and output are the earlier kernels'
         gdc_launch_dependents()
-    i = tl.arange(0, BM)
-    which, src = i // B, i % B  # which of the program's input groups, and the batch row
-    if HAS_GROUPS:
-        g_first = tl.load(groups_ptr + 2 * pid)
-        g_second = tl.load(groups_ptr + 2 * pid + 1)
-    else:
-        g_first, g_second = 0, -1
-    group = tl.where(which == 0, g_first, g_second)
-    m_row = (which < 2) & (group >= 0)
-    group = tl.where(m_row, group, 0)
-    row = group * B + src  # the input row and the output row
+    # the epilogue's residual and gate, asked for before the weights stream rather than after
+    # (their latency would otherwise follow the last product tile)
+    res = tl.zeros([BM, BN], dtype=tl.float32)
+    gate = tl.zeros([BM, BN], dtype=tl.float32)
+    if ACTIVATION >= 3:
+        res = tl.load(res_ptr + row[:, None] * stride_res + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
+    if ACTIVATION == 4:
+        gate = tl.load(gate_ptr + row[:, None] * stride_gate + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         cols_k = k0 + tl.arange(0, BK)
@@ -74,7 +83,6 @@ def decode_gemv_fwd_kernel(
         w = tl.load(w_ptr + cols_n[:, None].to(tl.int64) * K + cols_k[None, :], mask=m_n[:, None] & m_k[None, :],
                     other=0.)
         acc = tl.dot(inp, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    m_out = m_row[:, None] & m_n[None, :]
     if SPLIT_K > 1:
         # split-K: each run stores its float32 partial; the run that arrives last at this column
         # block's counter adds them in run order (the same sum whatever the arrival order), applies
@@ -87,27 +95,22 @@ def decode_gemv_fwd_kernel(
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 acc += tl.load(p_ws + s * WS_STRIDE, mask=m_out, other=0., cache_modifier=".cg")
-            _epilogue(acc, out_ptr, stride_out, res_ptr, stride_res, gate_ptr, stride_gate, row, cols_n, m_out,
-                      ACT_COLS, ACTIVATION)
+            _epilogue(acc, out_ptr, stride_out, res, gate, row, cols_n, m_out, ACT_COLS, ACTIVATION)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
     else:
-        _epilogue(acc, out_ptr, stride_out, res_ptr, stride_res, gate_ptr, stride_gate, row, cols_n, m_out,
-                  ACT_COLS, ACTIVATION)
+        _epilogue(acc, out_ptr, stride_out, res, gate, row, cols_n, m_out, ACT_COLS, ACTIVATION)
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, stride_out, res_ptr, stride_res, gate_ptr, stride_gate, row, cols_n, m_out, ACT_COLS,
-              ACTIVATION: tl.constexpr):
+def _epilogue(acc, out_ptr, stride_out, res, gate, row, cols_n, m_out, ACT_COLS, ACTIVATION: tl.constexpr):
     p = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the product as the unfused op stores it
     if ACTIVATION == 1:
         p = 1. - 2. / (tl.exp(2. * p) + 1.)  # tanh
     elif ACTIVATION == 2:
         p = tl.where((cols_n < ACT_COLS)[None, :], tl.maximum(p, 0.) * tl.maximum(p, 0.), p)
     elif ACTIVATION == 3:
-        p += tl.load(res_ptr + row[:, None] * stride_res + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
+        p += res
     elif ACTIVATION == 4:
-        gate = tl.load(gate_ptr + row[:, None] * stride_gate + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
-        res = tl.load(res_ptr + row[:, None] * stride_res + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
         p = res + p / (1. + tl.exp(-gate))
     tl.store(out_ptr + row[:, None] * stride_out + cols_n[None, :], p.to(out_ptr.dtype.element_ty), mask=m_out)
 

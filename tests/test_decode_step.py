@@ -137,3 +137,21 @@ def test_prompt_steps_derive_every_gold_layer_in_one_call(monkeypatch):
             kb, vb = pb.gather(j, ws_b.pages, ws_b.length)
             assert torch.equal(ka, kb) and torch.equal(va, vb)
     assert torch.equal(a.cache.rnn.wkv, b.cache.rnn.wkv)
+
+
+def test_decompress_rows_are_the_models_decompress():
+    """`decode_ops.decode_decompress_rows` (gathers, embedding, norms and the decompression product
+    in one function, compiled in the decode step) gives `GoldFinchModel.decompress` of the previous
+    rows then the new ones, exactly (eager)."""
+    from engine.decode_ops import decode_decompress_rows
+
+    model = load_model("goldfinch_l6_d128")
+    cfg, g = model.config, torch.Generator().manual_seed(4)
+    flat_keys = torch.randn(40, cfg.compressed_dim, generator=g).to(model.dtype)
+    flat_ids = torch.randint(0, cfg.vocab_size, (40,), generator=g, dtype=torch.int32)
+    prev_slots, ids = torch.tensor([7, 0, 31]), torch.tensor([5, 9, 2])
+    compressed = torch.randn(3, cfg.compressed_dim, generator=g).to(model.dtype)
+    proto, values = decode_decompress_rows(flat_keys, flat_ids, prev_slots, compressed, ids, model.emb, *model.ln0,
+                                           model.w_decompress)
+    want = model.decompress(torch.cat([flat_keys[prev_slots], compressed]), torch.cat([flat_ids[prev_slots].long(), ids]))
+    assert torch.equal(proto, want[0]) and torch.equal(values, want[1])
