@@ -2,6 +2,7 @@
 overhead: CUDA events around each decode graph replay and each sampler launch.
 
     python benchmarks/profile_engine_loop.py [--batch 1] [--context 4096] [--steps 20] [--no-overlap]
+        [--temperature 0] [--top-p 1]
 
 Prints wall time per step, the GPU time of the graphs and of the sampler, and the GPU time between
 them (input copies, logits conversion, and any idling while the host prepares the next step)."""
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the step's own choice)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
     model = GoldFinchModel(random_checkpoint(PAPER_1B5_CONFIG, dtype=torch.bfloat16, device="cuda"))
     B, ctx = args.batch, args.context
@@ -66,7 +69,8 @@ def main() -> None:
         kv_working_set_bytes=B * (ctx + 192) * 65536 + (64 << 20), overlap_decode=not args.no_overlap))
     for _ in range(B):
         engine.add_request(torch.randint(0, 65536, (ctx,)).tolist(),
-                           SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+                           SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=1, max_tokens=100,
+                                          ignore_eos=True))
     while any(s.is_prefilling or not s.output_token_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     for _ in range(4):
@@ -83,7 +87,8 @@ def main() -> None:
     for name, start, end in marks:
         per.setdefault(name, []).append(start.elapsed_time(end))
     between = sum(max(0.0, a[2].elapsed_time(b[1])) for a, b in zip(marks, marks[1:])) / args.steps
-    print(f"batch {B} x {ctx}, overlap {'off' if args.no_overlap else 'on'} "
+    print(f"batch {B} x {ctx}, temperature {args.temperature}, top_p {args.top_p}, "
+          f"overlap {'off' if args.no_overlap else 'on'} "
           f"({engine.stats.overlapped_steps - overlapped} of {args.steps} steps launched ahead): wall {wall:.2f} ms/step; "
           + "; ".join(f"{k} {sum(v) / len(v):.3f} ms x{len(v)}" for k, v in per.items())
           + f"; GPU time between them {between:.3f} ms/step")
