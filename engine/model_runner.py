@@ -23,6 +23,7 @@ from .model import GoldFinchModel, StepBatch
 from .prefill_graphs import PrefillGraphs, bucket_sizes
 from .scheduler import SchedulerOutput
 
+
 @dataclass(frozen=True)
 class StepOutput:
     """A step's logits of each scheduled sequence's last new token [B, V] (in the model's dtype: the
