@@ -10,7 +10,9 @@ one kernel in the graph gives both, so the host only copies back two numbers a r
 maximum, its first index of that maximum and its sum of exp(x - maximum); the last program of a row
 to arrive at the row's counter (acq_rel atomic) combines the chunks in chunk order (the first index
 of the maximum over the row, and the log-sum-exp: the same result whatever the arrival order),
-stores the token and log-prob, and sets the counter back to 0 for the next call.
+stores the token and log-prob, and sets the counter back to 0 for the next call. It runs in every
+decode graph, whether or not the step's rows turn out greedy (a few microseconds at batch 1: the
+sampled step's graph measured the same, 1.623 ms against 1.630 greedy).
 """
 from __future__ import annotations
 
