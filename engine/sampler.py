@@ -57,6 +57,7 @@ class SamplingBatch:
     prompt_mask: Tensor | None  # [B, V] bool, prompt tokens (repetition penalty only)
     num_logprobs: tuple[int, ...]  # per-row top-logprob count (0 when off)
     all_greedy: bool
+    any_greedy: bool
     need_top_k: bool
     need_top_p: bool
     need_min_p: bool
@@ -154,7 +155,7 @@ def make_sampling_batch(params: Sequence[SamplingParams], output_token_ids: Sequ
         mask_index=None if masked is None else (masked[0], masked[1]),
         output_counts=counts, prompt_mask=prompt_mask,
         num_logprobs=tuple(p.logprobs or 0 for p in params),
-        all_greedy=not sampling,
+        all_greedy=not sampling, any_greedy=any(greedy),
         need_top_k=any(0 < p.top_k < vocab_size for p in sampling),
         need_top_p=any(p.top_p < 1.0 for p in sampling),
         need_min_p=any(p.min_p > 0.0 for p in sampling),
@@ -163,7 +164,11 @@ def make_sampling_batch(params: Sequence[SamplingParams], output_token_ids: Sequ
 
 
 def apply_penalties_and_bias(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """Steps 1-2 of the pipeline on float32 logits [B, V]; returns a new tensor."""
+    """Steps 1-2 of the pipeline on logits [B, V]; returns a new float32 tensor, or float32 `logits`
+    themselves when the batch has nothing to apply (callers never write to the result)."""
+    if (batch.bias is None and batch.mask_index is None and not batch.need_penalties
+            and not batch.need_repetition and logits.dtype == torch.float32):
+        return logits
     out = logits.to(torch.float32, copy=True)
     if batch.bias is not None:
         out.index_put_(batch.bias[:2], batch.bias[2], accumulate=True)
@@ -225,7 +230,8 @@ class Sampler:
         if logits.dim() != 2 or tuple(logits.shape) != (batch.batch_size, batch.vocab_size):
             raise ValueError(f"logits: expected shape ({batch.batch_size}, {batch.vocab_size}), "
                              f"got {tuple(logits.shape)}")
-        raw_logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+        logits = logits.to(torch.float32)  # one conversion for both uses (bf16 from the model step)
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
         processed = apply_penalties_and_bias(logits, batch)
         token_ids = self.choose(processed, batch)
         chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
@@ -238,9 +244,8 @@ class Sampler:
 
     def choose(self, processed: Tensor, batch: SamplingBatch) -> Tensor:
         """Step 3: argmax for greedy rows, truncated seeded sampling for the rest."""
-        greedy_ids = processed.argmax(dim=-1)
         if batch.all_greedy:
-            return greedy_ids
+            return processed.argmax(dim=-1)
         scaled = processed / batch.temperature.unsqueeze(1)
         if batch.need_top_k or batch.need_top_p:
             scaled = _apply_top_k_top_p(scaled, batch)
@@ -253,4 +258,6 @@ class Sampler:
         noise = (self._compiled_noise if use_compiled else exponential_noise)(
             batch.seeds, batch.steps, batch.vocab_size)
         sampled = (probs / noise).argmax(dim=-1)  # exponential race: unnormalised p is fine
-        return torch.where(batch.greedy, greedy_ids, sampled)
+        if not batch.any_greedy:
+            return sampled
+        return torch.where(batch.greedy, processed.argmax(dim=-1), sampled)
