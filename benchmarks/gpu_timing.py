@@ -59,12 +59,19 @@ def card_info() -> dict:
 
 def commit_id() -> str:
     """The commit a run measured: $GOLDFINCH_COMMIT (the device's checkout may not be a git clone of
-    it), else the working tree's HEAD."""
+    it), else the working tree's HEAD. It names result files: anything but a commit-like name (a
+    `.git/HEAD` line such as "ref: refs/heads/main" passed by mistake) is refused."""
     import os
+    import re
     import subprocess
 
-    return os.environ.get("GOLDFINCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    given = os.environ.get("GOLDFINCH_COMMIT", "").strip()
+    if given:
+        if not re.fullmatch(r"[0-9A-Za-z._-]{1,64}", given):
+            raise ValueError(f"GOLDFINCH_COMMIT: {given!r} is not a commit name (letters, digits, '.', '_', '-')")
+        return given
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "unknown"
 
 
 def write_result(out: str, name: str, result: dict, markdown: str) -> None:

@@ -132,3 +132,15 @@ def test_ablation_arms_leave_out_what_they_name(monkeypatch):
     assert fused.decode_gemv(xa, torch.randn(16, 48), out, 2) is out
     assert fused.finch_wkv_decode(xa).shape == xa.shape
     assert step.paged_attention(torch.randn(1, 4, 8)).shape == (1, 4, 8)
+
+
+def test_commit_id_names_result_files_only_with_a_commit_like_name(monkeypatch):
+    from gpu_timing import commit_id
+
+    monkeypatch.setenv("GOLDFINCH_COMMIT", "5c94129")
+    assert commit_id() == "5c94129"
+    monkeypatch.setenv("GOLDFINCH_COMMIT", "ref: refs/heads/main")  # a .git/HEAD line passed by mistake
+    with pytest.raises(ValueError, match="GOLDFINCH_COMMIT"):
+        commit_id()
+    monkeypatch.delenv("GOLDFINCH_COMMIT")
+    assert commit_id()  # the checkout's HEAD, or "unknown" outside a git checkout
