@@ -28,10 +28,10 @@ class StepSampling:
         """Queues the sampler on the device for the ready rows of the step's logits; nothing is read
         back. `pending`: tokens each row has sampled that are not yet in its output (a step launched
         ahead). A step whose rows are all plain greedy takes the choices the step made on the device."""
-        seqs = [seq for _, seq in ready]
         if self.greedy_applies(step, ready, pending):
             n = len(ready)
             return SamplerOutput(token_ids=step.greedy_ids[:n], logprobs=step.greedy_logprobs[:n])
+        seqs = [seq for _, seq in ready]
         logits = step.logits
         rows = to_device([row for row, _ in ready], torch.long, logits.device)
         batch = make_sampling_batch(
