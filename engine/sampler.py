@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from engine.host_copy import to_device
+from kernels.dispatch import greedy_counters, token_sample, use_triton
 from engine.sampling_params import SamplingParams
 
 from engine.sampling_noise import exponential_noise, to_int64
@@ -187,8 +188,9 @@ def apply_penalties_and_bias(logits: Tensor, batch: SamplingBatch) -> Tensor:
 
 def _apply_top_k_top_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """Mask to -inf outside top-k (ties with the k-th kept, as vLLM), then outside the
-    top-p nucleus of what is left: the smallest prefix whose mass reaches top_p.  Rows
-    with top_p == 1 are untouched so cumsum rounding cannot drop tail tokens."""
+    top-p nucleus of what is left: the smallest prefix whose mass reaches top_p, with every
+    id equal to its last (ties at the cut all kept).  Rows with top_p == 1 are untouched so
+    cumsum rounding cannot drop tail tokens."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     if batch.need_top_k:
         kth = sorted_logits.gather(1, (batch.top_k - 1).unsqueeze(1))
@@ -198,7 +200,10 @@ def _apply_top_k_top_p(logits: Tensor, batch: SamplingBatch) -> Tensor:
         mass_before = probs.cumsum(dim=-1) - probs
         drop = (mass_before >= batch.top_p.unsqueeze(1)) & (batch.top_p < 1.0).unsqueeze(1)
         drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        # every id equal to the last one kept stays too: the set then does not depend on the
+        # order the sort gives ties (common in bf16 logits), and a kernel can find it without one
+        cut = sorted_logits.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < cut, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
@@ -225,12 +230,26 @@ class Sampler:
     def __init__(self, compile_noise: bool = False) -> None:
         self._compiled_noise: Callable[[Tensor, Tensor, int], Tensor] | None = (
             torch.compile(exponential_noise, dynamic=True) if compile_noise else None)
+        self._arrivals: dict[torch.device, Tensor] = {}  # the fused kernel's row counters (left zero)
 
-    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+    def __call__(self, logits: Tensor, batch: SamplingBatch, n_valid: int | None = None) -> SamplerOutput:
+        """`n_valid`: ids at or above it are never sampled and lie outside the log-probs' softmax
+        (as logits of -inf there would be); None: every id."""
         if logits.dim() != 2 or tuple(logits.shape) != (batch.batch_size, batch.vocab_size):
             raise ValueError(f"logits: expected shape ({batch.batch_size}, {batch.vocab_size}), "
                              f"got {tuple(logits.shape)}")
-        logits = logits.to(torch.float32)  # one conversion for both uses (bf16 from the model step)
+        n_valid = batch.vocab_size if n_valid is None else n_valid
+        if not 1 <= n_valid <= batch.vocab_size:
+            raise ValueError(f"n_valid: {n_valid} not in [1, {batch.vocab_size}]")
+        if self.fused_applies(logits, batch):
+            token_ids, chosen = token_sample(logits, n_valid, batch.temperature, batch.greedy, batch.seeds, batch.steps,
+                                             self._counters(logits.device, batch.batch_size),
+                                             top_p=batch.top_p if batch.need_top_p else None)
+            return SamplerOutput(token_ids=token_ids, logprobs=chosen)
+        # one conversion for both uses (bf16 from the model step); a copy where ids are masked
+        logits = logits.to(torch.float32, copy=n_valid < batch.vocab_size)
+        if n_valid < batch.vocab_size:
+            logits[:, n_valid:] = float("-inf")
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         processed = apply_penalties_and_bias(logits, batch)
         token_ids = self.choose(processed, batch)
@@ -241,6 +260,23 @@ class Sampler:
         top_values, top_ids = raw_logprobs.topk(k, dim=-1, sorted=True)
         return SamplerOutput(token_ids=token_ids, logprobs=chosen,
                              top_logprob_ids=top_ids, top_logprobs=top_values)
+
+    @staticmethod
+    def fused_applies(logits: Tensor, batch: SamplingBatch) -> bool:
+        """Whether the batch is drawn by one kernel (`kernels.token_sample`, the same tokens): on
+        CUDA, rows that only scale by temperature and cut by top-p (16-bit logits for top-p), no
+        logit_bias, min_tokens mask, penalties, top-k, min-p or top log-probabilities."""
+        plain = (batch.bias is None and batch.mask_index is None and not batch.need_penalties
+                 and not batch.need_repetition and not batch.need_top_k and not batch.need_min_p
+                 and batch.max_num_logprobs == 0)
+        sixteen_bit = logits.dtype in (torch.float16, torch.bfloat16)
+        return plain and use_triton(logits) and (sixteen_bit or not batch.need_top_p)
+
+    def _counters(self, device: torch.device, rows: int) -> Tensor:
+        counters = self._arrivals.get(device)
+        if counters is None or counters.numel() < rows:
+            counters = self._arrivals[device] = greedy_counters(device, max(rows, 64))
+        return counters
 
     def choose(self, processed: Tensor, batch: SamplingBatch) -> Tensor:
         """Step 3: argmax for greedy rows, truncated seeded sampling for the rest."""

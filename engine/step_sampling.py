@@ -33,15 +33,16 @@ class StepSampling:
             return SamplerOutput(token_ids=step.greedy_ids[:n], logprobs=step.greedy_logprobs[:n])
         seqs = [seq for _, seq in ready]
         logits = step.logits
-        rows = to_device([row for row, _ in ready], torch.long, logits.device)
         batch = make_sampling_batch(
             [s.params for s in seqs], [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs],
             [len(s.output_token_ids) + pending for s in seqs], self.vocab_size, logits.device,
             seeds=[s.seed for s in seqs], eos_token_id=self.eos_token_id)
-        logits = logits.index_select(0, rows)
-        if self.sampleable_vocab is not None and self.sampleable_vocab < logits.shape[1]:
-            logits[:, self.sampleable_vocab:] = float("-inf")
-        return self.sampler(logits, batch)
+        rows = [row for row, _ in ready]
+        if rows == list(range(len(rows))):
+            logits = logits[:len(rows)]  # the usual step: its rows in order, read in place
+        else:
+            logits = logits.index_select(0, to_device(rows, torch.long, logits.device))
+        return self.sampler(logits, batch, n_valid=self.sampleable_vocab)
 
     @staticmethod
     def greedy_applies(step: StepOutput, ready: list[tuple[int, Sequence]], pending: int) -> bool:

@@ -21,6 +21,7 @@ from .gold_kv_derive_reference import GoldKVDeriveWeights, gold_kv_derive_refere
 from .greedy_sample_reference import greedy_sample_reference
 from .paged_attention_reference import paged_decode_attention_reference
 from .tail_attention_reference import tail_attention_reference
+from .token_sample_reference import token_sample_reference
 from .wkv6_plan import ChunkPlan
 from .wkv6_reference import wkv6_chunked, wkv6_step
 
@@ -226,6 +227,20 @@ def greedy_sample(logits: Tensor, n_valid: int, counters: Tensor | None = None) 
             raise ValueError("counters: required on CUDA (greedy_counters)")
         return fused(logits, n_valid, counters)
     return greedy_sample_reference(logits, n_valid)
+
+
+def token_sample(logits: Tensor, n_valid: int, temperature: Tensor, greedy: Tensor, seeds: Tensor, steps: Tensor,
+                 counters: Tensor | None = None, top_p: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each row's seeded draw (greedy rows: argmax) over ids below n_valid, truncated to its top-p
+    set where top_p is given, and its raw log-prob: (token_ids [B] int64, logprobs [B] float32);
+    see `kernels.token_sample_reference`. counters (`greedy_counters`, at least B): as greedy_sample."""
+    if use_triton(logits):
+        from .token_sample import token_sample as fused
+
+        if counters is None:
+            raise ValueError("counters: required on CUDA (greedy_counters)")
+        return fused(logits, n_valid, temperature, greedy, seeds, steps, counters, top_p=top_p)
+    return token_sample_reference(logits, n_valid, temperature, greedy, seeds, steps, top_p)
 
 
 def greedy_counters(device, rows: int) -> Tensor:

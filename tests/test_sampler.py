@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingBatch, apply_penalties_and_bias, make_sampling_batch
+from engine.sampler import Sampler, SamplingBatch, _apply_top_k_top_p, apply_penalties_and_bias, make_sampling_batch
 from engine.sampling_noise import counter_hash_bits, exponential_noise
 from engine.sampling_params import SamplingParams, resolve_seed
 
@@ -165,6 +165,19 @@ def test_temperature_sharpens_distribution() -> None:
 def test_truncation_support_and_frequencies(params: SamplingParams, support: list[int]) -> None:
     weights = {i: PROBS[i] ** (1 / params.temperature) for i in support}
     assert_frequencies(sample_many(params, PROBS), normalised(weights))
+
+
+def test_top_p_keeps_every_token_tied_at_the_cut() -> None:
+    """Probabilities 0.4 and four tied at 0.15: top_p 0.5 needs one of the tied tokens, and all four
+    are kept (whichever the sort put first); top_p 0.4 keeps token 0 alone."""
+    probs = [0.4, 0.15, 0.15, 0.15, 0.15]
+    logits = torch.tensor([probs]).log()
+    for top_p, support in ((0.5, {0, 1, 2, 3, 4}), (0.4, {0}), (0.95, {0, 1, 2, 3, 4})):
+        batch = batch_for([SamplingParams(top_p=top_p)], 5)
+        kept = torch.isfinite(_apply_top_k_top_p(logits, batch))[0]
+        assert set(torch.nonzero(kept).flatten().tolist()) == support, top_p
+    counts = sample_many(SamplingParams(top_p=0.5), probs, n=2000)
+    assert set(counts) == {0, 1, 2, 3, 4}
 
 
 def test_top_p_one_keeps_tiny_tail_tokens() -> None:
