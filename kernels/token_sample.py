@@ -28,11 +28,11 @@ from .top_p_threshold import ordered_key16, top_p_min_keys
 
 CHUNK = 2048  # logits a program reads (32 programs a row at a 65,536 vocabulary)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_FMIX_C1: tl.constexpr = 0x85EBCA6B  # `engine.sampling_noise`'s murmur3 fmix32 multipliers and salts
-_FMIX_C2: tl.constexpr = 0xC2B2AE35
-_SALT_LO: tl.constexpr = 0x9E3779B9
-_SALT_HI: tl.constexpr = 0x7F4A7C15
-_TWO_POW_M32: tl.constexpr = 2.3283064365386963e-10  # 2**-32, exact
+_FMIX_C1 = tl.constexpr(0x85EBCA6B)  # `engine.sampling_noise`'s murmur3 fmix32 multipliers and salts
+_FMIX_C2 = tl.constexpr(0xC2B2AE35)
+_SALT_LO = tl.constexpr(0x9E3779B9)
+_SALT_HI = tl.constexpr(0x7F4A7C15)
+_TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)  # 2**-32, exact
 
 
 @triton.jit

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 CHUNK = 2048
-FIXED_ONE: tl.constexpr = 1099511627776.0  # 2**40: a mass of exp(0) in the integer bins
+FIXED_ONE = tl.constexpr(1099511627776.0)  # 2**40: a mass of exp(0) in the integer bins
 ROW_STATE = 4  # float64 per row between the kernels: high byte, mass above it, top_p x total, max
 
 
