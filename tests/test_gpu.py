@@ -42,6 +42,43 @@ def test_engine_batched_on_gpu_equals_plain_cpu(case, mode):
         assert o.outputs[0].token_ids == greedy_plain(cpu_model, p, 12)
 
 
+def test_engine_sampling_through_the_kernels_equals_the_torch_sampler():
+    """A bf16 model decoding sampled requests (temperature, top-p, greedy rows among them) through
+    CUDA graphs: the tokens with the sampler's kernel path (`kernels.token_sample`) are those of its
+    torch path, and the kernel path was taken."""
+    from engine.config_engine import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (int(n),), generator=gen).tolist() for n in (5, 33, 70, 12)]
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=8, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=1.3, top_p=0.5, seed=9, max_tokens=16, ignore_eos=True)]
+
+    def run(kernels: bool) -> tuple[list[list[int]], int]:
+        engine = LLMEngine(load_model(CASES[0], torch.bfloat16, "cuda"), None,
+                           EngineConfig(cache_tokens=8192, max_num_batched_tokens=64, kv_working_set_bytes=256 << 20,
+                                        max_num_seqs=8))
+        sampler, chosen = engine.sampling.sampler, []
+        applies = sampler.fused_applies
+
+        def counted(logits, batch):
+            chosen.append(kernels and applies(logits, batch))
+            return chosen[-1]
+
+        sampler.fused_applies = counted
+        outs = engine.generate(prompts, params)
+        return [o.outputs[0].token_ids for o in outs], sum(chosen)
+
+    with_kernels, kernel_calls = run(True)
+    with_torch, _ = run(False)
+    assert kernel_calls > 0
+    assert with_kernels == with_torch
+    assert len(set(with_kernels[1])) > 3  # sampled, not collapsed to one token
+
+
 def _long_steps(model):
     """Uneven packed prompts and a step continuing a 9K-token history (three sequences), and two
     long steps of one sequence, over random carried states."""
