@@ -33,10 +33,9 @@ import torch
 from torch import Tensor
 
 from engine.host_copy import to_device
-from kernels.dispatch import greedy_counters, token_sample, use_triton
-from engine.sampling_params import SamplingParams
-
 from engine.sampling_noise import exponential_noise, to_int64
+from engine.sampling_params import SamplingParams
+from kernels.dispatch import greedy_counters, token_sample, use_triton
 
 @dataclass(frozen=True, eq=False)
 class SamplingBatch:

@@ -36,15 +36,20 @@ def top_p_keep(scaled: Tensor, top_p: Tensor) -> Tensor:
     return keep | (top_p >= 1.0).unsqueeze(1)
 
 
-def top_p_min_keys_reference(logits: Tensor, n_valid: int, temperature: Tensor, top_p: Tensor) -> Tensor:
-    """Each row's smallest 16-bit key (`top_p_threshold.ordered_key16` of its float16/bfloat16
-    logits) among the ids of its top-p set [B] int64."""
-    x = logits[:, :n_valid]
-    keep = top_p_keep(x.to(torch.float32) / temperature.unsqueeze(1), top_p)
+def ordered_keys16(x: Tensor) -> Tensor:
+    """`top_p_threshold.ordered_key16` of float16/bfloat16 values, int64 of x's shape: their bits
+    ordered as the values are (-0 as +0, negatives below positives)."""
     bits = x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
     bits = torch.where(bits == 0x8000, 0, bits)
-    keys = torch.where(bits >= 0x8000, 0xFFFF - bits, bits | 0x8000)
-    return torch.where(keep, keys, 1 << 16).amin(dim=-1)
+    return torch.where(bits >= 0x8000, 0xFFFF - bits, bits | 0x8000)
+
+
+def top_p_min_keys_reference(logits: Tensor, n_valid: int, temperature: Tensor, top_p: Tensor) -> Tensor:
+    """Each row's smallest 16-bit key (`ordered_keys16` of its float16/bfloat16 logits) among the
+    ids of its top-p set [B] int64."""
+    x = logits[:, :n_valid]
+    keep = top_p_keep(x.to(torch.float32) / temperature.unsqueeze(1), top_p)
+    return torch.where(keep, ordered_keys16(x), 1 << 16).amin(dim=-1)
 
 
 def token_sample_reference(logits: Tensor, n_valid: int, temperature: Tensor, greedy: Tensor, seeds: Tensor,

@@ -23,7 +23,7 @@ from engine.sampler import Sampler, make_sampling_batch  # noqa: E402
 from engine.sampling_noise import exponential_noise  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from kernels.dispatch import greedy_counters  # noqa: E402
-from kernels.token_sample_reference import (token_sample_reference, top_p_keep,  # noqa: E402
+from kernels.token_sample_reference import (ordered_keys16, token_sample_reference, top_p_keep,  # noqa: E402
                                             top_p_min_keys_reference)
 
 
@@ -92,18 +92,12 @@ def test_top_p_matches_the_reference(top):
             assert keys[r] == 0  # skipped: left as it was
             continue
         assert keys[r] <= ref_keys[r]
-        row_keys = _keys16(logits[r, :n_valid].cpu())
+        row_keys = ordered_keys16(logits[r, :n_valid].cpu())
         assert torch.equal(row_keys >= keys[r], keep[r]), r
         assert 1 <= int(keep[r].sum()) < n_valid
     counters = greedy_counters(DEVICE, 8)
     for i in range(3):
         _check(logits, n_valid, temperature, greedy, seeds, steps + i, counters, chunk, top_p)
-
-
-def _keys16(x):
-    bits = x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    bits = torch.where(bits == 0x8000, 0, bits)
-    return torch.where(bits >= 0x8000, 0xFFFF - bits, bits | 0x8000)
 
 
 def test_top_p_keeps_every_id_tied_at_the_cut():
@@ -120,7 +114,7 @@ def test_top_p_keeps_every_id_tied_at_the_cut():
     for p, kept in ((0.6, {5}), (0.7, {5, 9, 40, 77, 120}), (0.999, {5, 9, 40, 77, 120, 3, 100, 101})):
         key = top_p_min_keys(logits, V, one, torch.tensor([p], device=DEVICE), no,
                              torch.zeros(1, dtype=torch.int32, device=DEVICE), 32).cpu()
-        assert set(torch.nonzero(_keys16(logits[0].cpu()) >= key[0]).flatten().tolist()) == kept, p
+        assert set(torch.nonzero(ordered_keys16(logits[0].cpu()) >= key[0]).flatten().tolist()) == kept, p
         ref = top_p_keep(logits.cpu().float(), torch.tensor([p]))
         assert set(torch.nonzero(ref[0]).flatten().tolist()) == kept, p
 
