@@ -27,7 +27,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch import Tensor
 
 from . import pdl
+from .decode_gemv_epilogue import gemv_epilogue
 from .decode_gemv_reference import ACTIVATIONS, ColumnSegments
+from .decode_gemv_resident import resident_applies, resident_gemv
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -95,24 +97,10 @@ def decode_gemv_fwd_kernel(
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 acc += tl.load(p_ws + s * WS_STRIDE, mask=m_out, other=0., cache_modifier=".cg")
-            _epilogue(acc, out_ptr, stride_out, res, gate, row, cols_n, m_out, ACT_COLS, ACTIVATION)
+            gemv_epilogue(acc, out_ptr, stride_out, res, gate, row, cols_n, m_out, ACT_COLS, ACTIVATION)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
     else:
-        _epilogue(acc, out_ptr, stride_out, res, gate, row, cols_n, m_out, ACT_COLS, ACTIVATION)
-
-
-@triton.jit
-def _epilogue(acc, out_ptr, stride_out, res, gate, row, cols_n, m_out, ACT_COLS, ACTIVATION: tl.constexpr):
-    p = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the product as the unfused op stores it
-    if ACTIVATION == 1:
-        p = 1. - 2. / (tl.exp(2. * p) + 1.)  # tanh
-    elif ACTIVATION == 2:
-        p = tl.where((cols_n < ACT_COLS)[None, :], tl.maximum(p, 0.) * tl.maximum(p, 0.), p)
-    elif ACTIVATION == 3:
-        p += res
-    elif ACTIVATION == 4:
-        p = res + p / (1. + tl.exp(-gate))
-    tl.store(out_ptr + row[:, None] * stride_out + cols_n[None, :], p.to(out_ptr.dtype.element_ty), mask=m_out)
+        gemv_epilogue(acc, out_ptr, stride_out, res, gate, row, cols_n, m_out, ACT_COLS, ACTIVATION)
 
 
 @dataclass(frozen=True)
@@ -238,6 +226,8 @@ def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan: Column
     G = plan.segments.n_groups if plan is not None else 1
     per_block = _check_inputs(x, weight, out, B, G, plan, activation, residual, gate)
     dt, dev = weight.dtype, weight.device
+    if resident_applies(N, K, B, B * per_block, dev):
+        return resident_gemv(x, weight, out, B, plan, activation, act_cols, residual, gate)
     tuning, S = _split_k(plan, N, K, G * B, split_counters)
     n_blocks = triton.cdiv(N, tuning.block_n)
     bk, line = tuning.block_k, 128 // weight.element_size()  # a 128-byte line of L2

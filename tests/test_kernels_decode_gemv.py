@@ -16,8 +16,10 @@ from triton_interpreter import (CUDA, import_kernels, interpreter_while_testing,
 
 DEVICE = "cuda" if CUDA else "cpu"
 IN_SUBPROCESS = needs_subprocess()
-_mod, _norm = import_kernels(("kernels.decode_gemv", "kernels.decode_norm_mix"), "decode_gemv_fwd_kernel",
-                             IN_SUBPROCESS)
+# in import order (a reload of decode_gemv alone would keep the compiled epilogue and resident kernel)
+_epi, _resident, _mod, _norm = import_kernels(
+    ("kernels.decode_gemv_epilogue", "kernels.decode_gemv_resident", "kernels.decode_gemv", "kernels.decode_norm_mix"),
+    "gemv_epilogue", IN_SUBPROCESS)
 decode_gemv, plan_columns, GemvTuning = _mod.decode_gemv, _mod.plan_columns, _mod.GemvTuning
 default_tuning, new_split_counters = _mod.default_tuning, _mod.new_split_counters
 decode_norm_mix = _norm.decode_norm_mix
@@ -33,8 +35,9 @@ def _t(g, *shape, scale=1.0, offset=0.0):
 
 
 def _run_both(dtype, device, B, K, weight, G, plan=None, activation="none", act_cols=0, strided=False, seed=0,
-              split_counters=None):
-    """Kernel and reference on the same inputs: (out, reference out), rows no segment reads NaN."""
+              split_counters=None, product=None):
+    """Kernel and reference on the same inputs: (out, reference out), rows no segment reads NaN.
+    `product`: the kernel's launcher with `decode_gemv`'s arguments (default decode_gemv)."""
     g = torch.Generator().manual_seed(seed)
     x = _t(g, G * B, K + 8)[:, 4:K + 4] if strided else _t(g, G * B, K)
     N = weight.shape[0]
@@ -46,8 +49,8 @@ def _run_both(dtype, device, B, K, weight, G, plan=None, activation="none", act_
     x = x.to(dtype).to(device)
     out = torch.full((G * B, N), float("nan"), dtype=dtype, device=device)
     ref = out.clone()
-    decode_gemv(x, weight, out, B, plan, activation=activation, act_cols=act_cols, split_counters=split_counters,
-                **kw)
+    (product or decode_gemv)(x, weight, out, B, plan, activation=activation, act_cols=act_cols,
+                             split_counters=split_counters, **kw)
     decode_gemv_reference(x, weight, ref, B, plan.segments if plan else None, activation=activation,
                           act_cols=act_cols, **kw)
     return out, ref
@@ -62,13 +65,28 @@ def _weight(N, K, dtype, seed=1):
     return (_t(torch.Generator().manual_seed(seed), N, K) / K ** 0.5).to(dtype).to(DEVICE)
 
 
+@pytest.fixture(params=["tiled", "rule"])
+def kernel_choice(request, monkeypatch):
+    """Every product through the tiled kernel, or through the kernel `decode_gemv` chooses (the
+    resident one where `resident_applies`)."""
+    if request.param == "tiled":
+        monkeypatch.setenv(_resident.ENV_VAR, "0")
+    else:
+        monkeypatch.delenv(_resident.ENV_VAR, raising=False)
+    return request.param
+
+
+def _resident_product(x, weight, out, B, plan, activation, act_cols, split_counters, **kw):
+    return _resident.resident_gemv(x, weight, out, B, plan, activation, act_cols, kw.get("residual"), kw.get("gate"))
+
+
 # the decode step's stacked time-mix layout in miniature: r, k, v (read by v and v2), decay and v2 LoRA rows
 FRONT = ColumnSegments(ends=(32, 64, 96, 112, 128), groups=((0,), (1,), (2, 3), (4,), (3,)))
 
 
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_segments_read_their_groups(dtype, B):
+def test_segments_read_their_groups(dtype, B, kernel_choice):
     K = 64
     w = _weight(128, K, dtype)
     plan = plan_columns(FRONT, K, DEVICE, GemvTuning(32, 32))
@@ -83,7 +101,7 @@ def test_segments_read_their_groups(dtype, B):
 
 @pytest.mark.parametrize("B", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_two_groups_and_relu_square(dtype, B):
+def test_two_groups_and_relu_square(dtype, B, kernel_choice):
     """The channel mix's stacked key/receptance product: relu^2 on the keys' columns only."""
     K, N = 80, 96 + 32  # K not a power of two
     segments = ColumnSegments(ends=(96, 128), groups=((0,), (1,)))
@@ -96,14 +114,58 @@ def test_two_groups_and_relu_square(dtype, B):
 
 @pytest.mark.parametrize("activation", ["none", "tanh", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_one_group_epilogues(dtype, activation):
+def test_one_group_epilogues(dtype, activation, kernel_choice):
     B, K, N = 3, 96, 48
     out, ref = _run_both(dtype, DEVICE, B, K, _weight(N, K, dtype, seed=2), 1, activation=activation, seed=5)
     assert _rel(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("activation", ["none", "tanh", "relu_square", "residual", "gated_residual"])
+@pytest.mark.parametrize("B", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_gated_residual_over_a_long_k(dtype):
+def test_resident_weight_rows(dtype, B, activation):
+    """The resident kernel: up to 4 input rows (K not a power of two, N not a multiple of the rows a
+    program holds, strided input rows)."""
+    K, N = 200, 70
+    out, ref = _run_both(dtype, DEVICE, B, K, _weight(N, K, dtype, seed=B), 1, activation=activation, act_cols=40,
+                         strided=True, seed=20 + B, product=_resident_product)
+    assert not out.isnan().any() and _rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("B", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_resident_weight_rows_read_their_segments_groups(dtype, B):
+    """The resident kernel's programs are narrower than the plan's blocks (8 columns against 16 at
+    this K): each finds its block's groups in the table; rows no segment reads stay untouched."""
+    K = 600
+    plan = plan_columns(FRONT, K, DEVICE, GemvTuning(32, 32))
+    assert _resident.RESIDENT_ELEMENTS // 1024 < plan.tuning.block_n
+    out, ref = _run_both(dtype, DEVICE, B, K, _weight(128, K, dtype), 5, plan, strided=True, seed=30 + B,
+                         product=_resident_product)
+    covered = torch.zeros_like(out, dtype=torch.bool)
+    for start, end, groups in FRONT.spans():
+        for grp in groups:
+            covered[grp * B:(grp + 1) * B, start:end] = True
+    assert out[~covered].isnan().all() and not out[covered].isnan().any()
+    assert _rel(out[covered], ref[covered]) < TOL[dtype]
+
+
+def test_where_the_resident_kernel_applies(monkeypatch):
+    """Narrow weights over a short K up to NARROW_ROWS rows a program; any other weight but the head
+    at batch 1 only; never with GOLDFINCH_GEMV_RESIDENT=0."""
+    r, dev = _resident, torch.device(DEVICE)
+    assert r.resident_applies(r.NARROW_N, r.NARROW_K, 4, r.NARROW_ROWS, dev)
+    assert not r.resident_applies(r.NARROW_N, r.NARROW_K, 4, r.NARROW_ROWS + 1, dev)
+    assert r.resident_applies(6272, 2048, 1, 2, dev) and r.resident_applies(2048, 7168, 1, 1, dev)
+    assert not r.resident_applies(6272, 2048, 2, 4, dev) and not r.resident_applies(2048, 7168, 2, 2, dev)
+    assert not r.resident_applies(65536, 2048, 1, 1, dev)  # the head
+    assert not r.resident_applies(2048, r.RESIDENT_MAX_K + 1, 1, 1, dev)
+    monkeypatch.setenv(r.ENV_VAR, "0")
+    assert not r.resident_applies(64, 64, 1, 1, dev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gated_residual_over_a_long_k(dtype, kernel_choice):
     B, K, N = 2, 300, 32
     out, ref = _run_both(dtype, DEVICE, B, K, _weight(N, K, dtype, seed=3), 1, activation="gated_residual",
                          strided=True)
@@ -113,9 +175,11 @@ def test_gated_residual_over_a_long_k(dtype):
 @pytest.mark.parametrize("split,activation,B", [(2, "none", 1), (3, "gated_residual", 1), (3, "relu_square", 2),
                                                 (4, "residual", 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_split_k_adds_its_runs_and_leaves_the_counters_zero(dtype, split, activation, B):
+def test_split_k_adds_its_runs_and_leaves_the_counters_zero(dtype, split, activation, B, monkeypatch):
     """K in `split` runs (the last one shorter), two groups of B rows: each column block's last run
-    to arrive adds every run's partial; twice in a row, as a decode step replays the same counters."""
+    to arrive adds every run's partial; twice in a row, as a decode step replays the same counters
+    (the tiled kernel: the resident one never splits)."""
+    monkeypatch.setenv(_resident.ENV_VAR, "0")
     K, N = 200, 64  # runs of 96, 96 and 8 columns at split 3 with tiles of 32
     segments = ColumnSegments(ends=(32, 64), groups=((0,), (1,)))
     plan = plan_columns(segments, K, DEVICE, GemvTuning(16, 32, split_k=split))
@@ -129,10 +193,11 @@ def test_split_k_adds_its_runs_and_leaves_the_counters_zero(dtype, split, activa
         assert counters.count_nonzero().item() == 0
 
 
-def test_split_k_where_the_tuning_and_the_rows_allow():
-    """The value product's shape splits K by default, given counters and at most SPLIT_K_ROWS rows;
-    without counters, or with more rows, one run (the same result up to float32 sums); counters of
-    the wrong type or too few are named."""
+def test_split_k_where_the_tuning_and_the_rows_allow(monkeypatch):
+    """The value product's shape splits K by default in the tiled kernel, given counters and at most
+    SPLIT_K_ROWS rows; without counters, or with more rows, one run (the same result up to float32
+    sums); counters of the wrong type or too few are named."""
+    monkeypatch.setenv(_resident.ENV_VAR, "0")
     K, N = 4160, 32
     assert default_tuning(N, K).split_k == 4 and default_tuning(N, K, split=False).split_k == 1
     assert default_tuning(N, 2048).split_k == 1 and default_tuning(8192, K).split_k == 1
