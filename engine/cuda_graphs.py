@@ -69,8 +69,7 @@ def host_inputs(rows: DecodeRows, batch: int, width: int, scratch: Scratch) -> t
 
 
 def to_inputs(cols: Tensor, tables: Tensor) -> DecodeInputs:
-    return DecodeInputs(*(cols[c] for c in range(len(_COLUMNS))), kv_page_tables=tables,
-                        seq_lens=cols[-1].to(torch.int32))
+    return DecodeInputs(*(cols[c] for c in range(len(_COLUMNS))), kv_page_tables=tables, seq_lens=cols[-1])
 
 
 def capture_one(fn, pool) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -107,7 +106,6 @@ class DecodeGraphs:
         device = step.model.device
         self._cols = torch.zeros(len(_COLUMNS) + 1, self.sizes[-1], dtype=torch.long, device=device)
         self._tables = torch.zeros(self.sizes[-1], max_pages, dtype=torch.int32, device=device)
-        self._seq_lens = torch.zeros(self.sizes[-1], dtype=torch.int32, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, DecodeOutput]] = {}
 
     @property
@@ -116,8 +114,10 @@ class DecodeGraphs:
 
     def _static(self, b: int) -> DecodeInputs:
         c = self._cols
+        # seq_lens: the int64 row of the columns as copied (an int32 copy would cost a step another
+        # transfer and a conversion kernel before the graph)
         return DecodeInputs(*(c[i, :b] for i in range(len(_COLUMNS))), kv_page_tables=self._tables[:b],
-                            seq_lens=self._seq_lens[:b])
+                            seq_lens=c[-1, :b])
 
     def capture(self) -> float:
         """Captures every size, largest first (later ones reuse its memory pool); returns seconds."""
@@ -142,7 +142,6 @@ class DecodeGraphs:
         if self._cols.is_cuda:
             cols, tables = cols.pin_memory(), tables.pin_memory()  # queued copies, no stall (host_copy.py)
         self._cols[:, :b].copy_(cols, non_blocking=True)
-        self._seq_lens[:b].copy_(cols[-1], non_blocking=True)
         if width:
             self._tables[:b, :width].copy_(tables[:, :width], non_blocking=True)
 

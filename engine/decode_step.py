@@ -44,7 +44,7 @@ class DecodeInputs:
     prev_key_slots: Tensor  # [B] long: flat slot of the token before it
     kv_slots: Tensor  # [B] long: flat row of the new token in the working-set pool
     kv_page_tables: Tensor  # [B, P] int32
-    seq_lens: Tensor  # [B] int32: keys each query attends to (positions + 1)
+    seq_lens: Tensor  # [B] int64 (or int32): keys each query attends to (positions + 1)
 
 
 @dataclass(frozen=True)
