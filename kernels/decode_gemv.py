@@ -10,6 +10,10 @@ residual is applied to the accumulator before the store, and no split-K reductio
 between its weight loads made the channel-mix product 36 us instead of 21 for the unfused kernels;
 `kernels.decode_norm_mix` does them once.)
 
+At batch 1 (and for the narrow weights up to 4 rows) `decode_gemv` launches
+`kernels.decode_gemv_resident` instead, whose programs read all their weight rows before the PDL
+wait (`resident_applies` says where; GOLDFINCH_GEMV_RESIDENT=0 keeps this kernel everywhere).
+
 `decode_gemv_fwd_kernel`, grid (cdiv(N, BN),): a program owns BN weight rows (output columns) and
 streams them over K against its input rows padded to BM (the matrix units then cost nothing next
 to the weight read). A program's columns lie in one segment; a block table (built once per weight,

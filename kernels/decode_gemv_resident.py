@@ -6,8 +6,9 @@ that read only once the kernel before it has finished (its PDL prefetch asks L2 
 weights depend on no earlier kernel, so here every program loads all of its weight rows (a few rows
 of the whole K, RESIDENT_ELEMENTS elements) before the wait: the read overlaps the small kernels
 before the product, and every program's loads are in flight at once. Measured on an H100 (1.5B
-shape, batch 1 x 4K, the 2,048 x 2,048 products, in one process): the step 1.638-1.641 ms with the
-tiled kernel, 1.612-1.614 with this one.
+shape, batch 1 x 4K, graph of a step, in one process): 1.656 ms with the tiled kernel, 1.516 with
+this one for every product but the head (BENCHMARKS.md, session 15; the rule: `resident_applies`).
+Only loads of what no earlier kernel writes go before the wait (`kernels.pdl`'s rule).
 
 `decode_gemv_resident_fwd_kernel`, grid (cdiv(N, BN),): a program owns BN output columns (inside
 one block of the plan's table, so inside one column segment) and computes the dot products of its
