@@ -31,7 +31,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch import Tensor
 
 from . import pdl
-from .decode_gemv_epilogue import gemv_epilogue
+from .decode_gemv_epilogue import gemv_epilogue, gemv_epilogue_inputs, gemv_rows
 from .decode_gemv_reference import ACTIVATIONS, ColumnSegments
 from .decode_gemv_resident import resident_applies, resident_gemv
 
@@ -52,17 +52,12 @@ def decode_gemv_fwd_kernel(
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     cols_n = pid * BN + tl.arange(0, BN)
     m_n = cols_n < N
-    i = tl.arange(0, BM)
-    which, src = i // B, i % B  # which of the program's input groups, and the batch row
     if HAS_GROUPS:  # the block table is made once per weight: read before the wait
         g_first = tl.load(groups_ptr + 2 * pid)
         g_second = tl.load(groups_ptr + 2 * pid + 1)
     else:
         g_first, g_second = 0, -1
-    group = tl.where(which == 0, g_first, g_second)
-    m_row = (which < 2) & (group >= 0)
-    group = tl.where(m_row, group, 0)
-    row = group * B + src  # the input row and the output row
+    row, m_row = gemv_rows(g_first, g_second, B, BM)  # the input row and the output row of each slot
     m_out = m_row[:, None] & m_n[None, :]
     if PDL:
         # the weight depends on no earlier kernel: ask L2 for this program's first PREFETCH_K
@@ -75,12 +70,8 @@ def decode_gemv_fwd_kernel(
         gdc_launch_dependents()
     # the epilogue's residual and gate, asked for before the weights stream rather than after
     # (their latency would otherwise follow the last product tile)
-    res = tl.zeros([BM, BN], dtype=tl.float32)
-    gate = tl.zeros([BM, BN], dtype=tl.float32)
-    if ACTIVATION >= 3:
-        res = tl.load(res_ptr + row[:, None] * stride_res + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
-    if ACTIVATION == 4:
-        gate = tl.load(gate_ptr + row[:, None] * stride_gate + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
+    res, gate = gemv_epilogue_inputs(res_ptr, stride_res, gate_ptr, stride_gate, row, cols_n, m_out, BM, BN,
+                                     ACTIVATION)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         cols_k = k0 + tl.arange(0, BK)

@@ -25,7 +25,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch import Tensor
 
 from . import pdl
-from .decode_gemv_epilogue import gemv_epilogue
+from .decode_gemv_epilogue import gemv_epilogue, gemv_epilogue_inputs, gemv_rows
 from .decode_gemv_reference import ACTIVATIONS
 
 ENV_VAR = "GOLDFINCH_GEMV_RESIDENT"  # "0": every product through the tiled kernel (A/B checks)
@@ -64,24 +64,17 @@ def decode_gemv_resident_fwd_kernel(
     if PDL:
         gdc_wait()  # the inputs, residual and gate are the earlier kernels'
         gdc_launch_dependents()
-    i = tl.arange(0, BM)
-    which, src = i // B, i % B  # which of the program's input groups, and the batch row
-    group = tl.where(which == 0, g_first, g_second)
-    m_row = (which < 2) & (group >= 0)
-    row = tl.where(m_row, group, 0) * B + src  # the input row and the output row
+    row, m_row = gemv_rows(g_first, g_second, B, BM)
     m_out = m_row[:, None] & m_n[None, :]
-    res = tl.zeros([BM, BN], dtype=tl.float32)
-    gate = tl.zeros([BM, BN], dtype=tl.float32)
-    if ACTIVATION >= 3:
-        res = tl.load(res_ptr + row[:, None] * stride_res + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
-    if ACTIVATION == 4:
-        gate = tl.load(gate_ptr + row[:, None] * stride_gate + cols_n[None, :], mask=m_out, other=0.).to(tl.float32)
+    res, gate = gemv_epilogue_inputs(res_ptr, stride_res, gate_ptr, stride_gate, row, cols_n, m_out, BM, BN,
+                                     ACTIVATION)
     w = w.to(tl.float32)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for j in tl.static_range(BM):
-        g_j = tl.where(j // B == 0, g_first, g_second)  # (B is not a constant)
-        ok = (j // B < 2) & (g_j >= 0)
-        x = tl.load(x_ptr + (tl.maximum(g_j, 0) * B + j % B) * stride_x + o_k, mask=m_k & ok, other=0.)
+    i = tl.arange(0, BM)
+    for j in tl.static_range(BM):  # slot j's row and mask, as gemv_rows makes them (B is not a constant)
+        g_j = tl.where(j // B == 0, g_first, g_second)
+        x = tl.load(x_ptr + (tl.maximum(g_j, 0) * B + j % B) * stride_x + o_k, mask=m_k & (j // B < 2) & (g_j >= 0),
+                    other=0.)
         acc = tl.where((i == j)[:, None], tl.sum(w * x.to(tl.float32)[None, :], 1)[None, :], acc)
     gemv_epilogue(acc, out_ptr, stride_out, res, gate, row, cols_n, m_out, ACT_COLS, ACTIVATION)
 

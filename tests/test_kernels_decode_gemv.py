@@ -80,6 +80,15 @@ def _resident_product(x, weight, out, B, plan, activation, act_cols, split_count
     return _resident.resident_gemv(x, weight, out, B, plan, activation, act_cols, kw.get("residual"), kw.get("gate"))
 
 
+def _covered(out, segments, B):
+    """Where `out`'s rows are written: group g's rows over the columns of the segments it reads."""
+    covered = torch.zeros_like(out, dtype=torch.bool)
+    for start, end, groups in segments.spans():
+        for grp in groups:
+            covered[grp * B:(grp + 1) * B, start:end] = True
+    return covered
+
+
 # the decode step's stacked time-mix layout in miniature: r, k, v (read by v and v2), decay and v2 LoRA rows
 FRONT = ColumnSegments(ends=(32, 64, 96, 112, 128), groups=((0,), (1,), (2, 3), (4,), (3,)))
 
@@ -91,10 +100,7 @@ def test_segments_read_their_groups(dtype, B, kernel_choice):
     w = _weight(128, K, dtype)
     plan = plan_columns(FRONT, K, DEVICE, GemvTuning(32, 32))
     out, ref = _run_both(dtype, DEVICE, B, K, w, 5, plan, strided=True, seed=B)
-    covered = torch.zeros_like(out, dtype=torch.bool)
-    for start, end, groups in FRONT.spans():
-        for grp in groups:
-            covered[grp * B:(grp + 1) * B, start:end] = True
+    covered = _covered(out, FRONT, B)
     assert out[~covered].isnan().all() and not out[covered].isnan().any()
     assert _rel(out[covered], ref[covered]) < TOL[dtype]
 
@@ -142,10 +148,7 @@ def test_resident_weight_rows_read_their_segments_groups(dtype, B):
     assert _resident.RESIDENT_ELEMENTS // 1024 < plan.tuning.block_n
     out, ref = _run_both(dtype, DEVICE, B, K, _weight(128, K, dtype), 5, plan, strided=True, seed=30 + B,
                          product=_resident_product)
-    covered = torch.zeros_like(out, dtype=torch.bool)
-    for start, end, groups in FRONT.spans():
-        for grp in groups:
-            covered[grp * B:(grp + 1) * B, start:end] = True
+    covered = _covered(out, FRONT, B)
     assert out[~covered].isnan().all() and not out[covered].isnan().any()
     assert _rel(out[covered], ref[covered]) < TOL[dtype]
 
