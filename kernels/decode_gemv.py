@@ -222,7 +222,7 @@ def decode_gemv(x: Tensor, weight: Tensor, out: Tensor, batch: int, plan: Column
     per_block = _check_inputs(x, weight, out, B, G, plan, activation, residual, gate)
     dt, dev = weight.dtype, weight.device
     if resident_applies(N, K, B, B * per_block, dev):
-        return resident_gemv(x, weight, out, B, plan, activation, act_cols, residual, gate)
+        return resident_gemv(x, weight, out, B, plan, activation, act_cols, residual, gate, rows=B * per_block)
     tuning, S = _split_k(plan, N, K, G * B, split_counters)
     n_blocks = triton.cdiv(N, tuning.block_n)
     bk, line = tuning.block_k, 128 // weight.element_size()  # a 128-byte line of L2

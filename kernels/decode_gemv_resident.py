@@ -90,20 +90,20 @@ def resident_applies(N: int, K: int, B: int, rows: int, device: torch.device) ->
 
 
 def resident_gemv(x: Tensor, weight: Tensor, out: Tensor, B: int, plan, activation: str, act_cols: int,
-                  residual: Tensor | None, gate: Tensor | None) -> Tensor:
-    """`decode_gemv` through this kernel (its arguments, checked there)."""
+                  residual: Tensor | None, gate: Tensor | None, rows: int) -> Tensor:
+    """`decode_gemv` through this kernel (its arguments, checked there; `rows`: the input rows a
+    program reads, B times the groups of a block, as `decode_gemv` found them)."""
     N, K = weight.shape
     KP = max(16, triton.next_power_of_2(K))
     BN = max(1, RESIDENT_ELEMENTS // KP)
     if plan is not None:
         BN = min(BN, plan.tuning.block_n)  # a program inside one block of the table
-    per_block = 2 if plan is not None and any(len(g) > 1 for g in plan.segments.groups) else 1
     use_pdl = pdl.enabled(weight.device, B)
     decode_gemv_resident_fwd_kernel[(triton.cdiv(N, BN),)](
         x, x.stride(0), weight, out, out.stride(0), plan.block_groups if plan is not None else out,
         residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
         gate if gate is not None else out, gate.stride(0) if gate is not None else 0, B, N, K, act_cols,
         plan.tuning.block_n if plan is not None else BN, ACTIVATION=ACTIVATIONS.index(activation),
-        HAS_GROUPS=plan is not None, BM=triton.next_power_of_2(B * per_block), BN=BN, KP=KP, PDL=use_pdl,
+        HAS_GROUPS=plan is not None, BM=triton.next_power_of_2(rows), BN=BN, KP=KP, PDL=use_pdl,
         num_warps=4, **pdl.launch_options(use_pdl))
     return out

@@ -77,7 +77,9 @@ def kernel_choice(request, monkeypatch):
 
 
 def _resident_product(x, weight, out, B, plan, activation, act_cols, split_counters, **kw):
-    return _resident.resident_gemv(x, weight, out, B, plan, activation, act_cols, kw.get("residual"), kw.get("gate"))
+    per_block = 2 if plan is not None and any(len(g) > 1 for g in plan.segments.groups) else 1
+    return _resident.resident_gemv(x, weight, out, B, plan, activation, act_cols, kw.get("residual"), kw.get("gate"),
+                                   rows=B * per_block)
 
 
 def _covered(out, segments, B):
